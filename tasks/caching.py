@@ -1,0 +1,73 @@
+"""Content-addressed stage outputs with Prefect caching.
+
+Each stage writes into `<output_dir>/.cache/<stage>/<key>/`, where `key` hashes the stage's inputs: upstream
+folders (themselves content-addressed), the CSV's sha256, the base model's fingerprint, the config fields
+the stage depends on, and the hash of the `personatune` source. The same key is the Prefect cache key, and
+the task returns the folder path. A cache entry whose folder is gone (or incomplete) is not trusted: the
+task is run with `refresh_cache=True` and rebuilds it.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from personatune.files import code_version, is_complete, stable_hash
+
+# Which config fields each stage's output depends on; a change to any other field keeps the cache.
+MODEL_FIELDS = ("base_revision", "load_in_4bit", "compute_dtype", "lora_r", "lora_alpha", "lora_dropout",
+                "lora_targets", "seed")
+STAGE_FIELDS = {
+    "validate": ("eval_fraction",),
+    "tokenize": ("base_revision", "max_seq_len", "on_long_row"),
+    "build_model": MODEL_FIELDS + ("gradient_checkpointing",),
+    "train": MODEL_FIELDS + ("epochs", "max_steps", "learning_rate", "warmup_ratio", "micro_batch_size",
+                             "grad_accum", "optim", "gradient_checkpointing"),
+    "evaluate": MODEL_FIELDS + ("num_samples", "max_new_tokens"),
+}
+NOT_HASHED = ("out_dir", "config")
+
+
+def stage_key(stage: str, params: dict[str, Any]) -> str:
+    inputs = {k: v for k, v in params.items() if k not in NOT_HASHED}
+    settings = {f: params["config"][f] for f in STAGE_FIELDS[stage]}
+    return stable_hash(stage, code_version(), inputs, settings)[:24]
+
+
+def stage_dir(stage: str, params: dict[str, Any]) -> Path:
+    return Path(params["config"]["output_dir"]) / ".cache" / stage / stage_key(stage, params)
+
+
+def cached_stage(stage: str, **task_options: Any) -> Callable:
+    """Decorate `fn(out_dir, config, **inputs) -> str` into a cached Prefect task called with keywords.
+
+    Calling the result runs the task (or takes its cache hit), logs whether it was cached and returns the
+    output folder. `stages`, when given, records `{stage: "cached" | "ran"}` for the run summary.
+    """
+    def decorate(fn: Callable) -> Callable:
+        prefect_task = task(
+            name=stage,
+            cache_key_fn=lambda context, params: stage_key(stage, params),
+            persist_result=True,
+            **task_options,
+        )(fn)
+
+        @functools.wraps(fn)
+        def run(stages: dict | None = None, **params: Any) -> str:
+            out_dir = stage_dir(stage, params)
+            refresh = not is_complete(out_dir)
+            state = prefect_task.with_options(refresh_cache=refresh)(out_dir=str(out_dir), return_state=True, **params)
+            result = state.result()  # raises the task's exception if it failed
+            cached = state.name == "Cached"
+            get_run_logger().info("stage %s: %s (%s)", stage, "cached" if cached else "ran", result)
+            if stages is not None:
+                stages[stage] = "cached" if cached else "ran"
+            return result
+
+        run.task = prefect_task
+        return run
+
+    return decorate

@@ -1,0 +1,17 @@
+"""The training task: retried once, and a retry resumes from the last epoch checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from personatune.config import from_mapping
+from personatune.train import train_adapter
+from tasks.caching import cached_stage
+
+
+@cached_stage("train", retries=1, retry_delay_seconds=10)
+def train_lora(out_dir: str, config: dict, base_model: str, model_fingerprint: str, init_adapter: str,
+               tokenized_dir: str) -> str:
+    """Train the LoRA adapter with the HF Trainer (paged_adamw_8bit, grad accumulation, dynamic padding)."""
+    cfg = from_mapping(config)
+    checkpoints = Path(out_dir).with_name(Path(out_dir).name + ".checkpoints")
+    return str(train_adapter(cfg, base_model, Path(init_adapter) / "adapter", tokenized_dir, out_dir, checkpoints))

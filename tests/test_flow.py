@@ -1,0 +1,108 @@
+"""The fine-tune flow end to end under Prefect, on the embedded model with a few training steps."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import QUOTES
+
+TINY = dict(max_steps=2, micro_batch_size=2, grad_accum=1, num_samples=1, max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    """A real (temporary) Prefect API with its state and result storage in a temp folder."""
+    home = tmp_path_factory.mktemp("prefect")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFECT_HOME", str(home))
+    mp.setenv("PREFECT_LOCAL_STORAGE_PATH", str(home / "storage"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield home
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_env, tmp_path_factory):
+    from flows.finetune import finetune
+
+    work = tmp_path_factory.mktemp("work")
+    quotes = work / "quotes.csv"
+    shutil.copy(QUOTES, quotes)
+    params = dict(quotes_csv=str(quotes), output_dir=str(work / "outputs"), **TINY)
+    return params, finetune(**params)
+
+
+def test_flow_writes_a_complete_bundle(first_run):
+    params, summary = first_run
+    run_dir = Path(summary["run_dir"])
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "training_config.json",
+            "eval.json", "report.md", ".complete"} <= names
+    assert (Path(params["output_dir"]) / "latest").resolve() == run_dir.resolve()
+    assert summary["stages"] == {s: "ran" for s in ("validate", "tokenize", "build_model", "train", "evaluate")}
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["training"]["steps"] == 2 and ev["eval_rows"] > 20
+    assert ev["eval_loss"]["base"] > 0 and ev["eval_loss"]["tuned"] > 0
+    assert ev["eval_loss"]["tuned"] != ev["eval_loss"]["base"]  # the adapter changed the model
+    cfg = json.loads((run_dir / "training_config.json").read_text())
+    assert cfg["config"]["max_steps"] == 2 and len(cfg["data_sha256"]) == 64
+    assert not list(Path(params["output_dir"]).glob(".tmp-*"))
+
+
+def test_saved_adapter_reloads_and_stops_before_next_turn(first_run, base_model_dir, tokenizer):
+    from personatune.config import FinetuneConfig
+    from personatune.evaluate import generate_reply
+    from personatune.model import load_qlora_model
+
+    _, summary = first_run
+    model = load_qlora_model(base_model_dir, FinetuneConfig(), adapter_dir=summary["run_dir"], trainable=False)
+    out = generate_reply(model, tokenizer, "Respond as Wednesday Addams: deadpan and morbid.",
+                         "Do you like sunny days?", max_new_tokens=48)
+    assert out["reply"] and "###" not in out["reply"] and "User:" not in out["reply"]
+    if out["ended_by"] == "marker":  # stopped during generation: nothing generated after the marker
+        assert out["raw"].rstrip().endswith("###") or out["raw"].rstrip().endswith("###\n")
+
+
+def test_second_run_is_cached_and_fast(first_run):
+    from flows.finetune import finetune
+
+    params, _ = first_run
+    start = time.monotonic()
+    summary = finetune(**params)
+    elapsed = time.monotonic() - start
+    assert summary["stages"] == {s: "cached" for s in ("validate", "tokenize", "build_model", "train", "evaluate")}
+    assert elapsed < 60
+    assert summary["eval_loss"] == first_run[1]["eval_loss"]
+
+
+def test_changed_row_reruns_from_validation(first_run):
+    from flows.finetune import finetune
+
+    params, _ = first_run
+    path = Path(params["quotes_csv"])
+    original = path.read_text()
+    path.write_text(original.replace("\n", "\nRespond as Wednesday Addams.,Any plans for the weekend?,"
+                                          "Reorganizing my collection of small skulls by regret.\n", 1))
+    try:
+        summary = finetune(**params)
+    finally:
+        path.write_text(original)
+    assert summary["stages"]["validate"] == "ran" and summary["stages"]["train"] == "ran"
+
+
+def test_deleting_the_adapter_forces_retraining(first_run):
+    from flows.finetune import finetune
+
+    params, _ = first_run
+    cache = Path(params["output_dir"]) / ".cache" / "train"
+    for adapter in [p for p in cache.iterdir() if p.is_dir() and not p.name.endswith(".checkpoints")]:
+        shutil.rmtree(adapter)
+    summary = finetune(**params)
+    assert summary["stages"]["train"] == "ran" and summary["stages"]["tokenize"] == "cached"
+    assert (Path(summary["run_dir"]) / "adapter_model.safetensors").is_file()
