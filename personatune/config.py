@@ -44,11 +44,17 @@ class FinetuneConfig:
     micro_batch_size: int = field(default=4, metadata={"help": "Examples per forward pass."})
     grad_accum: int = field(default=4, metadata={"help": "Gradient accumulation steps (effective batch = micro_batch_size x grad_accum)."})
     optim: str = field(default="paged_adamw_8bit", metadata={"help": "Optimizer name understood by transformers.TrainingArguments."})
+    packing: bool = field(default=True, metadata={"help": "Padding-free packing: each micro-batch is one row of concatenated examples with per-example position ids, so attention never crosses examples and no compute is spent on padding."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward to save memory."})
     seed: int = field(default=42, metadata={"help": "Seed for LoRA init, data order and dropout."})
     # --- evaluation -------------------------------------------------------------------------------
     num_samples: int = field(default=3, metadata={"help": "Held-out prompts answered greedily in the report."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation limit for sample replies."})
+    # --- publishing -------------------------------------------------------------------------------
+    hub_repo: str = field(default="", metadata={"help": "Hugging Face Hub repo id to push the adapter to (e.g. you/wednesday-adapter); empty: keep the bundle local."})
+    hub_private: bool = field(default=True, metadata={"help": "Create the Hub repo as private if it does not exist."})
+    push_min_improvement: float = field(default=0.0, metadata={"help": "Evaluation gate: push only if tuned held-out loss is below base by more than this fraction (0.05 = 5%)."})
+    force_push: bool = field(default=False, metadata={"help": "Push even if the evaluation gate fails."})
     # --- outputs ----------------------------------------------------------------------------------
     output_dir: str = field(default="outputs", metadata={"help": "Where run bundles (outputs/<run>/) and the stage cache (outputs/.cache/) live."})
     run_name: str = field(default="", metadata={"help": "Name of the run folder; empty: <UTC time>-<data hash>."})

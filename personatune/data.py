@@ -150,11 +150,14 @@ def validate_frame(df: pd.DataFrame, file: str) -> pd.DataFrame:
             idx = case["index"]
             line = int(df.loc[idx, "line"]) if idx is not None and idx in df.index else None
             problems.append(Problem(file, line, case["column"], str(case["check"])))
-    key = df[list(COLUMNS)].apply(lambda col: col.str.strip())
-    dup = key.duplicated(keep="first")
-    for idx in df.index[dup]:
-        first = df.loc[(key == key.loc[idx]).all(axis=1)].iloc[0]
-        problems.append(Problem(file, int(df.loc[idx, "line"]), None, f"duplicate of the row on line {int(first['line'])}"))
+    stripped = df[list(COLUMNS)].apply(lambda col: col.str.strip())
+    for subset, what in ((list(COLUMNS), "duplicate of the row on line {}"),
+                         (["instruction", "user"], "same instruction and user as line {} with another response")):
+        first_line = df.groupby([stripped[c] for c in subset], sort=False)["line"].transform("first")
+        for idx in df.index[stripped.duplicated(subset=subset, keep="first")]:
+            if subset != list(COLUMNS) and stripped.duplicated(keep="first")[idx]:
+                continue  # already reported as a full duplicate
+            problems.append(Problem(file, int(df.loc[idx, "line"]), None, what.format(int(first_line[idx]))))
     if problems:
         problems.sort(key=lambda p: (p.line or 0, COLUMNS.index(p.column) if p.column in COLUMNS else -1))
         raise DataValidationError(problems)
@@ -202,3 +205,15 @@ def build_dataset(quotes_csv: str | Path, eval_fraction: float, dataset_dir: str
     with atomic_dir(dataset_dir) as tmp:
         DatasetDict(parts).save_to_disk(str(tmp))
     return dataset_dir
+
+
+if __name__ == "__main__":  # python -m personatune.data data/quotes.csv: validate without training
+    import sys
+
+    target = sys.argv[1] if len(sys.argv) > 1 else "data/quotes.csv"
+    try:
+        frame = load_quotes(target)
+    except DataValidationError as err:
+        print(err, file=sys.stderr)
+        sys.exit(1)
+    print(f"{target}: {len(frame)} valid rows")

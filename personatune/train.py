@@ -18,10 +18,18 @@ from personatune.model import compute_dtype, load_qlora_model
 from personatune.tokenization import IGNORE_INDEX, load_tokenized, load_tokenizer
 
 
-def collator(tok):
-    """Dynamic padding: pad each batch to its longest example; padded labels are -100."""
-    from transformers import DataCollatorForSeq2Seq
+def collator(tok, packing: bool = False):
+    """Dynamic padding (pad each batch to its longest example, padded labels -100), or padding-free packing.
 
+    Packing concatenates the micro-batch into one row with position ids restarting at 0 for each example and
+    no attention mask; the attention kernels then keep examples apart (the loss equals the padded batch's, see
+    tests/test_packing.py). The first label of each example is -100 (it would be predicted from the previous
+    example); ours is a prompt token, masked anyway.
+    """
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
     return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
 
@@ -79,7 +87,7 @@ def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, 
     data = load_tokenized(tokenized_dir)
     model = load_qlora_model(resolved, cfg, adapter_dir=str(init_adapter), trainable=True)
     args = training_arguments(cfg, checkpoints, len(data["train"]))
-    trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=collator(tok),
+    trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=collator(tok, cfg.packing),
                       processing_class=tok, callbacks=callbacks)
     resume = last_checkpoint(checkpoints)
     result = trainer.train(resume_from_checkpoint=resume)

@@ -87,7 +87,7 @@ def test_nul_byte_and_control_characters(tmp_path, good_rows):
     assert probs == [(2, "instruction", "contains a control character")]
     good_rows[0][0] = "Respond as Wednesday."
     path = write_csv(tmp_path / "q.csv", good_rows)
-    path.write_bytes(path.read_bytes().replace(b"Question number 3", b"Question\x00number 3"))
+    path.write_bytes(path.read_bytes().replace(b"Question number 3 about", b"Question\x00number 3 about"))
     assert problems_of(path) == [(5, "user", "contains a NUL byte")]
 
 
