@@ -46,6 +46,7 @@ class FinetuneConfig:
     optim: str = field(default="paged_adamw_8bit", metadata={"help": "Optimizer name understood by transformers.TrainingArguments."})
     packing: bool = field(default=True, metadata={"help": "Padding-free packing: each micro-batch is one row of concatenated examples with per-example position ids, so attention never crosses examples and no compute is spent on padding."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward to save memory."})
+    profile: str = field(default="auto", metadata={"help": "Training layout on the hardware (never the recipe: examples per optimizer step, LR and epochs stay): 'auto' (the 'gpu' profile on CUDA, the config as given on CPU), 'gpu' (bf16, packing, varlen attention, the step in one micro-batch, checkpointing only as the card's memory needs; says what it chose), 'low-memory' (fits where the seed recipe fits), 'manual' (micro_batch_size, grad_accum, gradient_checkpointing, packing exactly as given)."})
     seed: int = field(default=42, metadata={"help": "Seed for LoRA init, data order and dropout."})
     # --- evaluation -------------------------------------------------------------------------------
     num_samples: int = field(default=3, metadata={"help": "Held-out prompts answered greedily in the report."})
@@ -67,6 +68,8 @@ class FinetuneConfig:
             problems.append(f"max_seq_len must be >= 16, got {self.max_seq_len}")
         if self.on_long_row not in ("reject", "truncate"):
             problems.append(f"on_long_row must be 'reject' or 'truncate', got {self.on_long_row!r}")
+        if self.profile not in ("auto", "gpu", "low-memory", "manual"):
+            problems.append(f"profile must be auto, gpu, low-memory or manual, got {self.profile!r}")
         if self.compute_dtype not in ("auto", "bf16", "fp16", "fp32"):
             problems.append(f"compute_dtype must be auto, bf16, fp16 or fp32, got {self.compute_dtype!r}")
         for name in ("lora_r", "lora_alpha", "micro_batch_size", "grad_accum"):

@@ -7,6 +7,7 @@ The finished adapter appears atomically in `adapter_dir`; the checkpoints are re
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -17,23 +18,29 @@ from personatune.files import atomic_dir, is_complete
 from personatune.model import compute_dtype, load_qlora_model
 from personatune.tokenization import IGNORE_INDEX, load_tokenized, load_tokenizer
 
+logger = logging.getLogger(__name__)
 
-def collator(tok, packing: bool = False):
+
+def collator(tok, packing: bool = False, varlen: bool = False):
     """Dynamic padding (pad each batch to its longest example, padded labels -100), or padding-free packing.
 
     Packing concatenates the micro-batch into one row with position ids restarting at 0 for each example and
     no attention mask; the attention kernels then keep examples apart (the loss equals the padded batch's, see
     tests/test_packing.py). The first label of each example is -100 (it would be predicted from the previous
-    example); ours is a prompt token, masked anyway.
+    example); ours is a prompt token, masked anyway. `varlen` adds the example boundaries (`cu_seq_lens_*`,
+    `max_length_*`) for the varlen flash attention of the GPU profiles (personatune/profiles.py).
     """
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                          return_flash_attn_kwargs=varlen)
     return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
 
-def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int):
+def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int, plan=None):
+    """TrainingArguments of the recipe. With a GPU profile's `plan`, checkpointing is set per layer on the model
+    (profiles.apply_plan), so the Trainer must not switch it on for every layer again."""
     from transformers import TrainingArguments
 
     dtype = compute_dtype(cfg.compute_dtype)
@@ -51,7 +58,7 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int):
         optim=cfg.optim,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16 and torch.cuda.is_available(),
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=cfg.gradient_checkpointing and (plan is None or plan.profile == "manual"),
         logging_steps=1,
         save_strategy="epoch" if cfg.max_steps < 0 else "steps",
         save_steps=max(1, steps_per_epoch),
@@ -79,15 +86,24 @@ def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, 
 
     from transformers import Trainer
 
+    from personatune.profiles import ModelShape, apply_plan, apply_plan_to_config, plan_training
+
     adapter_dir = Path(adapter_dir)
     if is_complete(adapter_dir):
         return adapter_dir
     checkpoints = Path(checkpoints_dir) if checkpoints_dir else adapter_dir.with_name(adapter_dir.name + ".checkpoints")
     tok = load_tokenizer(resolved, cfg.base_revision)
     data = load_tokenized(tokenized_dir)
+    plan = plan_training(cfg, ModelShape.from_pretrained(resolved, cfg.base_revision) if torch.cuda.is_available() else None,
+                         [len(x) for x in data["train"]["input_ids"]])
+    logger.info("training layout: %s", plan.describe())
+    print(f"Training layout: {plan.describe()}", flush=True)
+    cfg = apply_plan_to_config(cfg, plan)
     model = load_qlora_model(resolved, cfg, adapter_dir=str(init_adapter), trainable=True)
-    args = training_arguments(cfg, checkpoints, len(data["train"]))
-    trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=collator(tok, cfg.packing),
+    apply_plan(model, plan, compute_dtype(cfg.compute_dtype))
+    args = training_arguments(cfg, checkpoints, len(data["train"]), plan)
+    trainer = Trainer(model=model, args=args, train_dataset=data["train"],
+                      data_collator=collator(tok, cfg.packing, varlen=plan.attention == "varlen"),
                       processing_class=tok, callbacks=callbacks)
     resume = last_checkpoint(checkpoints)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -102,6 +118,7 @@ def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, 
             "resumed_from": Path(resume).name if resume else None,
             "global_step": trainer.state.global_step,
             "train_runtime_s": result.metrics.get("train_runtime"),
+            "layout": plan.to_dict(),
             "loss": history,
         }, indent=2) + "\n")
     shutil.rmtree(checkpoints, ignore_errors=True)

@@ -1,0 +1,410 @@
+#!/usr/bin/env python3
+"""QLoRA training throughput: the seed recipe and the project's GPU default, in the same run, on the same data.
+
+Two steps, because the GPU machine has neither the embedded model nor pandera's validation stack:
+
+    python bench/bench.py prepare                 # here (project venv): tokenizes data/quotes.csv with the
+                                                  # project's code, copies the tokenizer -> bench/.assets/
+    python3 bench/bench.py run --write BENCHMARKS.md   # on the GPU (device tool; carry .whl and bench/.assets)
+
+`run` builds a Llama-2-7B-shaped model with random weights (hidden 4096, 32 layers, 32 heads, intermediate 11008)
+whose vocabulary is the size of the tokenizer that produced the data (SmolLM2's, 49,152), saves it once, then
+trains each variant in its own process through `personatune.train.train_adapter` - the same function the flow
+calls - on `data/quotes.csv` repeated to enough examples, and prints one table: real (non-pad) tokens/s, peak
+GPU memory, MFU against the bf16 matrix rate measured in the same run, time for 3 epochs of the CSV and the
+loss after the same number of steps (all variants see the same examples in the same order). `--write`
+appends the table with the card's name and the date to BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "bench" / ".assets"
+sys.path.insert(0, str(ROOT))
+GIB = 1024**3
+SHAPE_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+SEED_RECIPE = dict(profile="manual", compute_dtype="fp16", packing=False, micro_batch_size=4, grad_accum=4,
+                   gradient_checkpointing=True)
+
+# name -> (config overrides, plan overrides, sized-for GiB (None: the real card), description)
+VARIANTS = {
+    "seed": (SEED_RECIPE, None, None, "seed recipe: fp16, padded 4 x 4, checkpointing, SDPA"),
+    "gpu": ({"profile": "gpu"}, None, None, "GPU default, sized for this card"),
+    "gpu@24GiB": ({"profile": "gpu"}, None, 24, "GPU default, sized for and capped at 24 GiB"),
+    "low-memory": ({"profile": "low-memory"}, None, None, "low-memory profile"),
+    # levers, one at a time against the GPU default
+    "packing-only": ({"profile": "manual", "compute_dtype": "bf16", "packing": True, "micro_batch_size": 16,
+                      "grad_accum": 1, "gradient_checkpointing": False}, None, None,
+                     "bf16 + plain packing 16 x 1, SDPA, full fp32 head, no checkpointing"),
+    "gpu-sdpa": ({"profile": "gpu"}, {"attention": "sdpa"}, None, "GPU default but stock SDPA on the packed row"),
+    "gpu-fullhead": ({"profile": "gpu"}, {"lean_head": False}, None, "GPU default but fp32 head, unchunked loss"),
+    "gpu-ckpt-all": ({"profile": "gpu"}, {"checkpoint_layers": 32}, None, "GPU default with every layer checkpointed"),
+    "gpu-8x2": ({"profile": "gpu"}, {"micro_batch_size": 8, "grad_accum": 2}, None, "GPU default split 8 x 2"),
+    "lowmem-8x2": ({"profile": "low-memory"}, {"micro_batch_size": 8, "grad_accum": 2}, None, "low-memory split 8 x 2"),
+    "lowmem-16x1": ({"profile": "low-memory"}, {"micro_batch_size": 16, "grad_accum": 1}, None, "low-memory, whole step"),
+    "gpu-32x1": ({"profile": "gpu", "grad_accum": 8}, {"micro_batch_size": 32, "grad_accum": 1}, None,
+                 "32 examples a step (a different recipe: shows how speed scales with step size)"),
+}
+DEFAULT_SET = ["seed", "gpu", "gpu@24GiB", "low-memory"]
+
+
+# ------------------------------------------------------------------------------------------------ prepare (CPU)
+def prepare(args) -> None:
+    import tempfile
+
+    from personatune.config import EMBEDDED_MODEL, FinetuneConfig
+    from personatune.data import build_dataset
+    from personatune.files import sha256_file
+    from personatune.model import resolve_base_model
+    from personatune.tokenization import load_tokenizer, tokenize_dataset
+
+    cfg = FinetuneConfig()
+    resolved = resolve_base_model(EMBEDDED_MODEL)
+    shutil.rmtree(ASSETS, ignore_errors=True)
+    (ASSETS / "tokenizer").mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (Path(resolved) / name).is_file():
+            shutil.copy(Path(resolved) / name, ASSETS / "tokenizer" / name)
+    tok = load_tokenizer(resolved)
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = build_dataset(args.csv, cfg.eval_fraction, Path(tmp) / "dataset")
+        tokenize_dataset(ds, tok, cfg.max_seq_len, cfg.on_long_row, ASSETS / "tokenized", quotes_csv=args.csv)
+    stats = json.loads((ASSETS / "tokenized" / "stats.json").read_text())
+    meta = {"csv": args.csv, "csv_sha256": sha256_file(args.csv), "tokenizer": "SmolLM2-135M-Instruct (embedded)",
+            "vocab_size": len(tok), "config_vocab_size": json.loads((Path(resolved) / "config.json").read_text())["vocab_size"],
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "stats": stats}
+    (ASSETS / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(json.dumps(meta, indent=2))
+
+
+# ------------------------------------------------------------------------------------------------ setup (GPU)
+def matmul_tflops() -> float:
+    import torch
+
+    n, reps = 8192, 30
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); a @ b; e.record(); e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2] / 1e12
+
+
+def check_varlen(vocab: int) -> dict:
+    """Small random Llama (GQA) + LoRA on the GPU, bf16 autocast: padded SDPA vs the GPU profile's packed path
+    (varlen flash attention + lean head + chunked loss): loss and LoRA gradients."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from personatune.profiles import ModelShape, TrainPlan, apply_plan
+    from personatune.tokenization import IGNORE_INDEX
+    from personatune.train import collator
+
+    torch.manual_seed(0)
+    conf = LlamaConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
+    model = LlamaForCausalLM(conf).cuda()
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(1)
+    feats = []
+    for length in (37, 120, 64, 9, 140, 80):
+        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+        labels = [IGNORE_INDEX] * (length // 3) + ids[length // 3:]
+        feats.append({"input_ids": ids, "attention_mask": [1] * length, "labels": labels})
+
+    class Tok:
+        pad_token_id = 0
+
+    def run(batch):
+        model.zero_grad()
+        batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        grads = torch.cat([p.grad.flatten().float() for n, p in model.named_parameters() if p.grad is not None])
+        return loss.item(), grads
+
+    maxlen = max(len(f["input_ids"]) for f in feats)
+    pb = {"input_ids": torch.tensor([f["input_ids"] + [0] * (maxlen - len(f["input_ids"])) for f in feats]),
+          "attention_mask": torch.tensor([f["attention_mask"] + [0] * (maxlen - len(f["input_ids"])) for f in feats]),
+          "labels": torch.tensor([f["labels"] + [IGNORE_INDEX] * (maxlen - len(f["labels"])) for f in feats])}
+    loss_ref, g_ref = run(pb)
+    flat = [{k: v for k, v in f.items() if k != "attention_mask"} for f in feats]
+    loss_sdpa_packed, g_sp = run(collator(Tok, packing=True)(flat))
+    plan = TrainPlan("gpu", 6, 1, True, 0, 4, "varlen", True, None, None, "check")
+    apply_plan(model, plan, torch.bfloat16)
+    loss_varlen, g_v = run(collator(Tok, packing=True, varlen=True)(flat))
+    rel = lambda a, b: float((a - b).norm() / b.norm())
+    return {"loss_padded_sdpa": loss_ref, "loss_packed_sdpa": loss_sdpa_packed, "loss_packed_varlen_leanhead": loss_varlen,
+            "loss_rel_diff": abs(loss_varlen - loss_ref) / loss_ref,
+            "grad_rel_diff_varlen_vs_padded": rel(g_v, g_ref), "grad_rel_diff_packed_sdpa_vs_padded": rel(g_sp, g_ref)}
+
+
+def setup(args) -> None:
+    import torch
+    from datasets import concatenate_datasets, load_from_disk
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from personatune.config import FinetuneConfig
+    from personatune.model import build_model
+
+    work = Path(args.dir)
+    meta = json.loads((ASSETS / "meta.json").read_text())
+    vocab = meta["config_vocab_size"]
+    out = {"card": torch.cuda.get_device_name(), "card_memory_gib": torch.cuda.get_device_properties(0).total_memory / GIB,
+           "torch": torch.__version__, "vocab": vocab}
+    import transformers, peft, bitsandbytes
+    out["versions"] = {"transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
+    out["bf16_matmul_tflops"] = matmul_tflops()
+    t = time.time()
+    try:
+        out["varlen_check"] = check_varlen(vocab)
+    except Exception as e:  # keep going: the variants show whether the packed path runs at all
+        import traceback
+        traceback.print_exc()
+        out["varlen_check"] = {"error": repr(e)[:300]}
+    out["varlen_check_s"] = time.time() - t
+    torch.cuda.empty_cache()
+    model_dir = work / "llama2-7b-shaped"
+    if not (model_dir / "config.json").is_file():
+        t = time.time()
+        conf = LlamaConfig(vocab_size=vocab, bos_token_id=meta["bos_token_id"], eos_token_id=meta["eos_token_id"],
+                           tie_word_embeddings=False, **SHAPE_7B)
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16)
+        out["params"] = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(model_dir)
+        del model
+        torch.cuda.empty_cache()
+        for f in (ASSETS / "tokenizer").iterdir():
+            shutil.copy(f, model_dir / f.name)
+        out["build_s"] = time.time() - t
+    data = load_from_disk(str(ASSETS / "tokenized" / "dataset"))
+    reps = max(1, -(-args.examples // len(data["train"])))
+    data["train"] = concatenate_datasets([data["train"]] * reps)
+    data.save_to_disk(str(work / "tokenized" / "dataset"))
+    out["train_rows_repeated"] = len(data["train"])
+    t = time.time()
+    build_model(str(model_dir), FinetuneConfig(), work / "init")
+    out["init_adapter_s"] = time.time() - t
+    (work / "setup.json").write_text(json.dumps(out, indent=2))
+    print("SETUP " + json.dumps(out))
+
+
+# ------------------------------------------------------------------------------------------------ one variant (GPU)
+def variant(args) -> None:
+    cfg_over, plan_over, card_gib, _ = VARIANTS[args.name]
+    if card_gib:
+        os.environ["PERSONATUNE_GPU_MEMORY_GIB"] = str(card_gib)
+    import torch
+    from transformers import TrainerCallback
+
+    import personatune.profiles as profiles
+    import personatune.train as train
+    from personatune.config import FinetuneConfig
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    if card_gib:  # the caching allocator may not hold more than a card of this size has
+        torch.cuda.set_per_process_memory_fraction(min(1.0, card_gib * GIB / total))
+    counts: list[int] = []
+    real_collator = train.collator
+
+    def counting_collator(tok, packing=False, varlen=False):
+        inner = real_collator(tok, packing, varlen)
+
+        def collate(features):
+            batch = inner(features)
+            counts.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel()))
+            return batch
+        return collate
+
+    train.collator = counting_collator
+    chosen = {}
+    real_plan = profiles.plan_training
+
+    def plan_training(*a, **k):
+        plan = real_plan(*a, **k)
+        if plan_over:
+            plan = dataclasses.replace(plan, **plan_over, reason=plan.reason + "; bench override " + json.dumps(plan_over))
+        chosen["plan"] = plan.to_dict()
+        return plan
+
+    profiles.plan_training = plan_training
+    times: list[float] = []
+    peaks = {}
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            torch.cuda.synchronize()
+            peaks["load_alloc"] = torch.cuda.max_memory_allocated() / GIB
+            peaks["load_reserved"] = torch.cuda.max_memory_reserved() / GIB
+            times.append(time.perf_counter())
+
+        def on_step_end(self, a, state, control, **kw):
+            torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    work = Path(args.dir)
+    steps = args.warmup + args.steps
+    cfg = FinetuneConfig(**{**cfg_over, "max_steps": steps, "seed": 42, "output_dir": str(work / "out")})
+    out_dir = work / "runs" / args.name
+    shutil.rmtree(out_dir, ignore_errors=True)
+    adapter = train.train_adapter(cfg, str(work / "llama2-7b-shaped"), work / "init" / "adapter", work / "tokenized",
+                                  out_dir / "adapter", out_dir / "ckpt", callbacks=[Timer()])
+    hist = json.loads((adapter / "history.json").read_text())
+    plan = chosen["plan"]
+    accum = plan["grad_accum"]
+    t0, t1 = times[args.warmup], times[steps]       # end of warm-up step .. end of last step
+    tokens = sum(counts[args.warmup * accum: steps * accum])
+    losses = [e["loss"] for e in hist["loss"]]
+    res = {"name": args.name, "plan": plan, "tokens": tokens, "seconds": t1 - t0, "tok_s": tokens / (t1 - t0),
+           "step_s": (t1 - t0) / args.steps, "tokens_per_step": tokens / args.steps,
+           "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB,
+           "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB, **peaks,
+           "loss_first": losses[0], "loss_last": losses[-1], "losses": losses, "steps": steps,
+           "step_times": [round(b - a, 4) for a, b in zip(times, times[1:])]}
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ driver (GPU)
+def args_warmup(r: dict) -> int:
+    return r["steps"] - round(r["seconds"] / r["step_s"])
+
+
+def fmt_table(setup_info: dict, results: list[dict], meta: dict) -> str:
+    train_tokens = meta["stats"]["train"]["tokens"]
+    layer_params = SHAPE_7B["num_hidden_layers"] * (4 * SHAPE_7B["hidden_size"] ** 2 + 3 * SHAPE_7B["hidden_size"] * SHAPE_7B["intermediate_size"])
+    flops_per_token = 4 * (layer_params + setup_info["vocab"] * SHAPE_7B["hidden_size"])  # frozen base: fwd 2N + input-grad 2N
+    seed = next((r for r in results if r["name"] == "seed" and "tok_s" in r), None)
+    med = lambda r: r["tokens_per_step"] / sorted(r["step_times"][args_warmup(r):])[len(r["step_times"][args_warmup(r):]) // 2]
+    rows = ["| variant | layout | real tokens/s | x seed | tokens/s at median step (x seed) | peak alloc GiB | peak reserved GiB | MFU | 3 epochs of quotes.csv | loss step 1 -> step N |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "tok_s" not in r:
+            rows.append(f"| {r['name']} | {VARIANTS[r['name']][3]} | failed: {r.get('error', '?')[:80]} | | | | | | | |")
+            continue
+        p = r["plan"]
+        layout = (f"{p['micro_batch_size']}x{p['grad_accum']}, {'packed' if p['packing'] else 'padded'}, {p['attention']}, "
+                  f"ckpt {p['checkpoint_layers']}/{p['total_layers']}, head {'lean' if p['lean_head'] else 'fp32'}")
+        mfu = r["tok_s"] * flops_per_token / (setup_info["bf16_matmul_tflops"] * 1e12)
+        ratio = f"{r['tok_s'] / seed['tok_s']:.1f}" if seed else "-"
+        epochs3 = 3 * train_tokens / r["tok_s"]
+        mratio = f" ({med(r) / med(seed):.1f})" if seed else ""
+        rows.append(f"| {r['name']} | {layout} | {r['tok_s']:,.0f} | {ratio} | {med(r):,.0f}{mratio} | {r['peak_alloc_gib']:.2f} | "
+                    f"{r['peak_reserved_gib']:.2f} | {100 * mfu:.1f}% | {epochs3:.0f} s | {r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
+    return "\n".join(rows)
+
+
+def run(args) -> None:
+    import torch
+
+    assert torch.cuda.is_available(), "run needs a CUDA GPU"
+    work = Path(args.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((ASSETS / "meta.json").read_text())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    me = [sys.executable, str(Path(__file__).resolve())]
+    t = time.time()
+    p = subprocess.run(me + ["_setup", "--dir", str(work), "--examples", str(args.examples)], env=env, text=True,
+                       capture_output=True)
+    if p.returncode:
+        print(p.stdout[-3000:], p.stderr[-6000:])
+        raise SystemExit("setup failed")
+    setup_info = json.loads(next(l for l in p.stdout.splitlines() if l.startswith("SETUP "))[6:])
+    print(f"setup {time.time() - t:.0f} s: {json.dumps(setup_info)}", flush=True)
+    results = []
+    names = args.variants.split(",") if args.variants else DEFAULT_SET
+    start = time.time()
+    for name in names:
+        if time.time() - start > args.deadline:
+            print(f"{name}: skipped, past the {args.deadline} s deadline", flush=True)
+            continue
+        t = time.time()
+        try:
+            p = subprocess.run(me + ["_variant", name, "--dir", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                               env=env, text=True, capture_output=True, timeout=args.variant_timeout)
+            line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+            layout = next((l for l in p.stdout.splitlines() if l.startswith("Training layout")), "")
+            if line:
+                res = json.loads(line[7:])
+            else:
+                err = [l for l in (p.stderr or "").splitlines() if "Error" in l or "error" in l]
+                res = {"name": name, "error": (err[-1] if err else "no result")}
+                print((p.stderr or "")[-2500:])
+        except subprocess.TimeoutExpired:
+            res, layout = {"name": name, "error": f"timeout {args.variant_timeout}s"}, ""
+        res["wall_s"] = time.time() - t
+        results.append(res)
+        short = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items() if k not in ("losses", "plan")}
+        print(f"{name}: {layout}\n  {json.dumps(short)}", flush=True)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "bench.json").write_text(json.dumps({"setup": setup_info, "results": results}, indent=2))
+    table = fmt_table(setup_info, results, meta)
+    date = dt.date.today().isoformat()
+    header = (f"### {setup_info['card']} ({setup_info['card_memory_gib']:.0f} GiB), {date}\n\n"
+              f"Llama-2-7B-shaped model, random weights, vocab {setup_info['vocab']} (the SmolLM2 tokenizer that produced the data), "
+              f"QLoRA NF4 + double quant, LoRA r=8 on q_proj,v_proj; data/quotes.csv train split tokenized by the project "
+              f"({meta['stats']['train']['rows']} rows, {meta['stats']['train']['tokens']} tokens), repeated; "
+              f"{args.warmup} warm-up + {args.steps} timed optimizer steps of 16 examples, same examples in the same order for every variant. "
+              f"bf16 matrix rate measured in the run: {setup_info['bf16_matmul_tflops']:.0f} TFLOP/s. "
+              f"torch {setup_info['torch']}, {', '.join(f'{k} {v}' for k, v in setup_info['versions'].items())}.\n")
+    print("\n" + header + "\n" + table)
+    if args.write:
+        with open(args.write, "a", encoding="utf-8") as f:
+            f.write("\n" + header + "\n" + table + "\n")
+    if args.out:
+        (Path(args.out) / "table.md").write_text(header + "\n" + table + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="tokenize the CSV and copy the tokenizer into bench/.assets (CPU, project venv)")
+    p.add_argument("--csv", default="data/quotes.csv")
+    p = sub.add_parser("run", help="run the variants on the GPU and print the table")
+    p.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)} (default {','.join(DEFAULT_SET)})")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--examples", type=int, default=600)
+    p.add_argument("--dir", default="/tmp/personatune-bench")
+    p.add_argument("--out", default=os.environ.get("OUT", ""))
+    p.add_argument("--write", default="", help="append the table to this Markdown file (BENCHMARKS.md)")
+    p.add_argument("--variant-timeout", type=int, default=240)
+    p.add_argument("--deadline", type=int, default=100000, help="start no variant after this many seconds")
+    p = sub.add_parser("_setup")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--examples", type=int, default=600)
+    p = sub.add_parser("_variant")
+    p.add_argument("name", choices=list(VARIANTS))
+    p.add_argument("--dir", required=True)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args()
+    {"prepare": prepare, "run": run, "_setup": setup, "_variant": variant}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
