@@ -28,7 +28,7 @@ from personatune.files import code_version, sha256_file
 from tasks.data import tokenize_quotes, validate_quotes
 from tasks.evaluate import evaluate_lora
 from tasks.model import build_qlora_model, resolve_base
-from tasks.publish import publish_bundle
+from tasks.publish import publish_bundle, push_to_hub
 from tasks.train import train_lora
 
 
@@ -52,8 +52,10 @@ def finetune(**params) -> dict:
     provenance = {"data_sha256": csv_sha256, "base_model_fingerprint": base["fingerprint"],
                   "code_version": code_version(), "stages": stages}
     run_dir = publish_bundle(config, cfg.run_name or default_run_name(csv_sha256), adapter_dir, eval_dir, provenance)
+    hub = push_to_hub(config, run_dir)  # gate, then one commit to --hub-repo; without a repo: stays local
 
-    summary = {"run_dir": run_dir, "stages": stages, **json.loads((Path(eval_dir) / "eval.json").read_text())}
+    summary = {"run_dir": run_dir, "hub": hub, "stages": stages,
+               **json.loads((Path(eval_dir) / "eval.json").read_text())}
     log.info("\n%s", format_summary(summary))
     return summary
 
@@ -62,6 +64,7 @@ def format_summary(summary: dict) -> str:
     el, tl = summary["eval_loss"], summary["train_loss"]
     lines = [
         f"Adapter bundle: {summary['run_dir']}",
+        f"Hub: {summary['hub']['message'] if summary.get('hub') else 'not pushed'}",
         "Stages: " + ", ".join(f"{k} {v}" for k, v in summary["stages"].items()),
         f"Held-out loss: base {el['base']:.4f} -> tuned {el['tuned']:.4f}",
         f"Train loss:    base {tl['base']:.4f} -> tuned {tl['tuned']:.4f}",

@@ -1,13 +1,27 @@
-"""The final task: assemble the adapter bundle in outputs/<run>/ (and, later, push it to the Hub)."""
+"""The final tasks: assemble the adapter bundle in outputs/<run>/, then push it to the Hugging Face Hub.
+
+`push_to_hub` keeps the bundle local when no repo is configured, applies the evaluation gate, and pushes with
+the real `huggingface_hub` client (personatune/hub.py). The token comes from `HF_TOKEN`, else the Prefect
+Secret block named by `PERSONATUNE_HF_TOKEN_BLOCK` (default `hf-token`), else a saved `hf auth login`. It is
+read inside the task, never passed as a parameter, and never logged.
+"""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.logging import get_run_logger
+from prefect.tasks import exponential_backoff
 
 from personatune.bundle import write_bundle
 from personatune.config import from_mapping
+from personatune.hub import HubTransientError, gate_decision, hub_endpoint, push_bundle
+
+TOKEN_BLOCK_ENV = "PERSONATUNE_HF_TOKEN_BLOCK"
+DEFAULT_TOKEN_BLOCK = "hf-token"
 
 
 @task(name="publish", retries=2, retry_delay_seconds=[2, 10])
@@ -17,3 +31,76 @@ def publish_bundle(config: dict, run_name: str, adapter_dir: str, eval_dir: str,
     create_markdown_artifact(key="eval-report", markdown=(run_dir / "report.md").read_text(),
                              description=f"Evaluation of the persona adapter in {run_dir}")
     return str(run_dir)
+
+
+def hub_token() -> tuple[str | None, str]:
+    """(token, where it came from). The source is safe to log; the token is not."""
+    token = os.environ.get("HF_TOKEN", "").strip()
+    if token:
+        return token, "HF_TOKEN"
+    block = os.environ.get(TOKEN_BLOCK_ENV, DEFAULT_TOKEN_BLOCK)
+    try:
+        from prefect.blocks.system import Secret
+
+        value = Secret.load(block).get()
+        if value:
+            return str(value).strip(), f"Prefect Secret block {block!r}"
+    except ValueError:  # no such block
+        pass
+    except Exception as e:  # noqa: BLE001 - an unreachable API must not hide the other sources
+        get_run_logger().warning("could not read Prefect Secret block %r (%s)", block, type(e).__name__)
+    from huggingface_hub import get_token
+
+    token = get_token()
+    return (token, "saved `hf auth login` token") if token else (None, "nowhere")
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry connection errors, 429 and 5xx; 401/403/404 and configuration problems fail at once."""
+    try:
+        state.result()
+    except HubTransientError:
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+    return False
+
+
+def _run_label() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return f"Prefect flow run {flow_run.name} ({flow_run.id})" if flow_run.id else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+@task(name="push_to_hub", retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+      retry_jitter_factor=0.2, retry_condition_fn=_retry_transient)
+def push_to_hub(config: dict, run_dir: str) -> dict:
+    """Push the bundle to `hub_repo` if it passes the evaluation gate; returns status, message, commit_url."""
+    cfg = from_mapping(config)
+    log = get_run_logger()
+    eval_loss = json.loads((Path(run_dir) / "eval.json").read_text())["eval_loss"]
+    decision = gate_decision(eval_loss, cfg.push_min_improvement, cfg.force_push)
+    result = {"status": "", "message": "", "commit_url": None, "repo_id": cfg.hub_repo or None, "gate": decision.reason}
+    if not cfg.hub_repo:
+        result.update(status="local", message=f"kept the bundle local in {run_dir} (no --hub-repo configured)")
+        log.info("%s", result["message"])
+        return result
+    if not decision.passed:
+        result.update(status="gated", message=f"not pushed to {cfg.hub_repo}: {decision.reason}")
+        log.warning("%s", result["message"])
+        return result
+    log.info("%s", decision.reason)
+    token, source = hub_token()
+    log.info("pushing %s to %s at %s (token from %s; repo created %s if missing)", Path(run_dir).name,
+             cfg.hub_repo, hub_endpoint(), source, "private" if cfg.hub_private else "public")
+    pushed = push_bundle(run_dir, cfg.hub_repo, token, private=cfg.hub_private, run_label=_run_label())
+    result.update(status="pushed", commit_url=pushed.commit_url, commit_oid=pushed.commit_oid,
+                  message=f"pushed to {pushed.repo_id}: {pushed.commit_url}")
+    create_link_artifact(key="hub-commit", link=pushed.commit_url,
+                         link_text=f"{pushed.repo_id}@{pushed.commit_oid[:8]}",
+                         description=f"Adapter bundle {Path(run_dir).name} on the Hub ({pushed.endpoint})")
+    log.info("%s", result["message"])
+    return result

@@ -1,0 +1,273 @@
+"""A small in-memory server that speaks the Hugging Face Hub's HTTP protocol, as `huggingface_hub` uses it.
+
+Enough for the real client to push and pull a model repo with regular (non-LFS) files:
+
+    GET  /api/whoami-v2                                   who the token belongs to
+    POST /api/repos/create                                create a repo (409 if it exists)
+    POST /api/validate-yaml                               model card metadata check (YAML must parse)
+    POST /api/models/{repo}/preupload/{rev}               upload mode of each file: always "regular"
+    POST /api/models/{repo}/commit/{rev}                  NDJSON commit: header + base64 files
+    GET  /api/models/{repo}[/revision/{rev}]              model info (sha, private, siblings)
+    GET  /api/models/{repo}/tree/{rev}                    file listing
+    HEAD|GET /{repo}/resolve/{rev}/{path}                 file metadata (X-Repo-Commit, ETag) and content
+
+Auth: every request with an `Authorization: Bearer ...` header must carry one of `tokens` (else 401); writes
+need one; private repos are invisible (404) without one. `fail(method, pattern, [500, 500])` makes the next
+matching requests answer those statuses. `requests` records (method, path, status) per request; it never
+records headers, so no token is kept.
+
+    with HubServer(tokens={"hf_x"}) as hub:
+        os.environ["HF_ENDPOINT"] = hub.url
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import yaml
+
+REPO = r"(?P<repo>[^/]+/[^/]+)"
+REV = r"(?P<rev>[^/]+)"
+
+
+def git_blob_sha(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass
+class Commit:
+    oid: str
+    summary: str
+    description: str
+    files: dict[str, bytes]
+
+
+@dataclass
+class Repo:
+    repo_id: str
+    private: bool
+    owner: str
+    commits: list[Commit] = field(default_factory=list)
+    refs: dict[str, str] = field(default_factory=dict)  # branch -> commit oid
+
+    def resolve(self, rev: str) -> Commit | None:
+        oid = self.refs.get(rev, rev)
+        return next((c for c in self.commits if c.oid == oid), None)
+
+
+class HubServer:
+    def __init__(self, tokens: dict[str, str] | set[str], host: str = "127.0.0.1"):
+        # token -> user name (a set of tokens all belong to user "you")
+        self.tokens = dict(tokens) if isinstance(tokens, dict) else {t: "you" for t in tokens}
+        self.repos: dict[str, Repo] = {}
+        self.requests: list[tuple[str, str, int]] = []
+        self._failures: list[tuple[str, re.Pattern, list[int]]] = []
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer((host, 0), _make_handler(self))
+        self.url = f"http://{host}:{self._httpd.server_address[1]}"
+
+    # --- control from tests -----------------------------------------------------------------------------
+    def fail(self, method: str, pattern: str, statuses: list[int]) -> None:
+        """The next len(statuses) requests matching method + path regex answer these statuses."""
+        self._failures.append((method, re.compile(pattern), list(statuses)))
+
+    def calls(self, method: str | None = None, pattern: str = "") -> list[tuple[str, str, int]]:
+        return [r for r in self.requests if (method is None or r[0] == method) and re.search(pattern, r[1])]
+
+    def __enter__(self) -> "HubServer":
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    # --- routing -----------------------------------------------------------------------------------------
+    def injected_failure(self, method: str, path: str) -> int | None:
+        for m, pattern, statuses in self._failures:
+            if m == method and statuses and pattern.search(path):
+                return statuses.pop(0)
+        return None
+
+    def handle(self, method: str, path: str, query: dict, user: str | None, body: bytes):
+        """Returns (status, headers, body bytes or JSON-able)."""
+        routes = [
+            ("GET", r"/api/whoami-v2", self.whoami),
+            ("POST", r"/api/repos/create", self.create_repo),
+            ("POST", r"/api/validate-yaml", self.validate_yaml),
+            ("POST", rf"/api/models/{REPO}/preupload/{REV}", self.preupload),
+            ("POST", rf"/api/models/{REPO}/commit/{REV}", self.commit),
+            ("GET", rf"/api/models/{REPO}/tree/{REV}(?:/(?P<path>.*))?", self.tree),
+            ("GET", rf"/api/models/{REPO}/revision/{REV}", self.model_info),
+            ("GET", rf"/api/models/{REPO}", self.model_info),
+            ("HEAD", rf"/{REPO}/resolve/{REV}/(?P<path>.+)", self.resolve),
+            ("GET", rf"/{REPO}/resolve/{REV}/(?P<path>.+)", self.resolve),
+        ]
+        for m, pattern, fn in routes:
+            match = re.fullmatch(pattern, path)
+            if m == method and match:
+                args = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+                with self._lock:
+                    return fn(user=user, body=body, query=query, **args)
+        return 404, {}, {"error": f"no route for {method} {path}"}
+
+    def _repo(self, repo: str, user: str | None, rev: str | None = None):
+        """(Repo, Commit) or an error response: missing and invisible private repos are both 404."""
+        r = self.repos.get(repo)
+        if r is None or (r.private and user != r.owner):
+            return None, (404, {"X-Error-Code": "RepoNotFound"}, {"error": "Repository not found"})
+        if rev is None:
+            return (r, None), None
+        commit = r.resolve(rev)
+        if commit is None:
+            return None, (404, {"X-Error-Code": "RevisionNotFound"}, {"error": f"Invalid rev id: {rev}"})
+        return (r, commit), None
+
+    # --- endpoints ---------------------------------------------------------------------------------------
+    def whoami(self, user, **_):
+        if user is None:
+            return 401, {}, {"error": "Invalid credentials in Authorization header"}
+        return 200, {}, {"type": "user", "name": user, "fullname": user, "orgs": [],
+                         "auth": {"type": "access_token", "accessToken": {"role": "write"}}}
+
+    def create_repo(self, user, body, **_):
+        req = json.loads(body)
+        namespace = req.get("organization") or user
+        repo_id = f"{namespace}/{req['name']}"
+        if user is None:
+            return 401, {}, {"error": "Invalid credentials in Authorization header"}
+        if namespace != user:
+            return 403, {}, {"error": f"You don't have the rights to create a model under the namespace {namespace!r}"}
+        if repo_id in self.repos:
+            return 409, {}, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
+        private = req.get("visibility", "public") == "private" or bool(req.get("private"))
+        repo = Repo(repo_id, private=private, owner=user)
+        initial = Commit(oid=hashlib.sha1(repo_id.encode()).hexdigest(), summary="initial commit", description="",
+                         files={".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
+        repo.commits.append(initial)
+        repo.refs["main"] = initial.oid
+        self.repos[repo_id] = repo
+        return 200, {}, {"url": f"{self.url}/{repo_id}", "name": repo_id, "id": repo_id}
+
+    def validate_yaml(self, body, **_):
+        content = json.loads(body)["content"]
+        match = re.match(r"^---\n(.*?)\n---\n", content, re.S)
+        try:
+            meta = yaml.safe_load(match.group(1)) if match else None
+        except yaml.YAMLError as e:
+            return 400, {}, {"errors": [{"message": f"invalid YAML: {e}"}]}
+        if not isinstance(meta, dict):
+            return 200, {}, {"warnings": [{"message": "empty or missing yaml metadata in repo card"}]}
+        return 200, {}, {"errors": [], "warnings": []}
+
+    def preupload(self, user, body, repo, rev, **_):
+        found, error = self._repo(repo, user, rev)
+        if error:
+            return error
+        _, commit = found
+        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                  "oid": git_blob_sha(commit.files[f["path"]]) if f["path"] in commit.files else None}
+                 for f in json.loads(body)["files"]]
+        return 200, {}, {"files": files, "commitOid": commit.oid}
+
+    def commit(self, user, body, repo, rev, **_):
+        if user is None:
+            return 401, {}, {"error": "Invalid credentials in Authorization header"}
+        found, error = self._repo(repo, user, rev)
+        if error:
+            return error
+        r, parent = found
+        if user != r.owner:
+            return 403, {}, {"error": "You don't have write access to this repo"}
+        lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+        header = next(item["value"] for item in lines if item["key"] == "header")
+        files = dict(parent.files)
+        for item in lines:
+            if item["key"] == "file":
+                files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            elif item["key"] == "deletedFile":
+                files.pop(item["value"]["path"], None)
+            elif item["key"] != "header":
+                return 400, {}, {"error": f"this test server does not support {item['key']!r} operations"}
+        oid = hashlib.sha1(json.dumps([parent.oid, header, sorted((p, git_blob_sha(d)) for p, d in files.items())])
+                           .encode()).hexdigest()
+        r.commits.append(Commit(oid, header["summary"], header.get("description", ""), files))
+        r.refs[rev] = oid
+        return 200, {}, {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+
+    def model_info(self, user, repo, rev="main", **_):
+        found, error = self._repo(repo, user, rev)
+        if error:
+            return error
+        r, commit = found
+        return 200, {}, {"id": repo, "modelId": repo, "sha": commit.oid, "private": r.private, "author": r.owner,
+                         "siblings": [{"rfilename": p} for p in sorted(commit.files)]}
+
+    def tree(self, user, repo, rev, path="", **_):
+        found, error = self._repo(repo, user, rev)
+        if error:
+            return error
+        _, commit = found
+        return 200, {}, [{"type": "file", "path": p, "size": len(d), "oid": git_blob_sha(d)}
+                         for p, d in sorted(commit.files.items()) if p.startswith(path)]
+
+    def resolve(self, user, repo, rev, path, **_):
+        found, error = self._repo(repo, user, rev)
+        if error:
+            return error
+        _, commit = found
+        if path not in commit.files:
+            return 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit.oid}, {"error": "Entry not found"}
+        data = commit.files[path]
+        return 200, {"X-Repo-Commit": commit.oid, "ETag": f'"{git_blob_sha(data)}"',
+                     "Content-Type": "application/octet-stream"}, data
+
+
+def _make_handler(server: HubServer):
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self, method: str) -> None:
+            url = urlsplit(self.path)
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            auth = self.headers.get("Authorization", "")
+            token = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else None
+            user = server.tokens.get(token) if token else None
+            status = server.injected_failure(method, url.path)
+            if status is not None:
+                headers, payload = {}, {"error": f"injected {status}"}
+            elif token is not None and user is None:
+                status, headers, payload = 401, {}, {"error": "Invalid credentials in Authorization header"}
+                headers["X-Error-Message"] = "Invalid credentials in Authorization header"
+            else:
+                status, headers, payload = server.handle(method, url.path, parse_qs(url.query), user, body)
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            if not isinstance(payload, bytes):
+                headers.setdefault("Content-Type", "application/json")
+            server.requests.append((method, url.path, status))
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if method != "HEAD":
+                self.wfile.write(data)
+
+        def do_GET(self):
+            self._serve("GET")
+
+        def do_HEAD(self):
+            self._serve("HEAD")
+
+        def do_POST(self):
+            self._serve("POST")
+
+        def log_message(self, *args):  # quiet: tests read `requests`
+            pass
+
+    return Handler
