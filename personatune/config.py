@@ -47,6 +47,7 @@ class FinetuneConfig:
     packing: bool = field(default=True, metadata={"help": "Padding-free packing: each micro-batch is one row of concatenated examples with per-example position ids, so attention never crosses examples and no compute is spent on padding."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward to save memory."})
     profile: str = field(default="auto", metadata={"help": "Training layout on the hardware (never the recipe: examples per optimizer step, LR and epochs stay): 'auto' (the 'gpu' profile on CUDA, the config as given on CPU), 'gpu' (bf16, packing, varlen attention, the step in one micro-batch, checkpointing only as the card's memory needs; says what it chose), 'low-memory' (fits where the seed recipe fits), 'manual' (micro_batch_size, grad_accum, gradient_checkpointing, packing exactly as given)."})
+    num_gpus: int = field(default=0, metadata={"help": "GPUs to train on, data-parallel (DDP, one 4-bit base per GPU): 0 = all visible (one GPU or CPU: in-process as before). Each GPU runs the profile's micro_batch_size x grad_accum, so an optimizer step takes num_gpus times as many examples; the learning rate is used as given (README, Multi-GPU)."})
     seed: int = field(default=42, metadata={"help": "Seed for LoRA init, data order and dropout."})
     # --- evaluation -------------------------------------------------------------------------------
     num_samples: int = field(default=3, metadata={"help": "Held-out prompts answered greedily in the report."})
@@ -81,6 +82,8 @@ class FinetuneConfig:
             problems.append("lora_targets must name at least one module (or 'all-linear')")
         if self.epochs <= 0:
             problems.append(f"epochs must be > 0, got {self.epochs}")
+        if self.num_gpus < 0:
+            problems.append(f"num_gpus must be >= 0 (0: all visible), got {self.num_gpus}")
         if self.max_steps == 0 or self.max_steps < -1:
             problems.append(f"max_steps must be -1 or >= 1, got {self.max_steps}")
         if not 0.0 < self.learning_rate < 1.0:

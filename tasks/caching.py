@@ -25,7 +25,7 @@ STAGE_FIELDS = {
     "tokenize": ("base_revision", "max_seq_len", "on_long_row"),
     "build_model": MODEL_FIELDS + ("gradient_checkpointing",),
     "train": MODEL_FIELDS + ("epochs", "max_steps", "learning_rate", "warmup_ratio", "micro_batch_size",
-                             "grad_accum", "optim", "packing", "gradient_checkpointing", "profile"),
+                             "grad_accum", "optim", "packing", "gradient_checkpointing", "profile", "num_gpus"),
     "evaluate": MODEL_FIELDS + ("num_samples", "max_new_tokens"),
 }
 NOT_HASHED = ("out_dir", "config")

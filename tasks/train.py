@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from personatune.config import from_mapping
+from personatune.distributed import gpus_for, train_distributed
 from personatune.train import train_adapter
 from tasks.caching import cached_stage
 
@@ -14,4 +15,9 @@ def train_lora(out_dir: str, config: dict, base_model: str, model_fingerprint: s
     """Train the LoRA adapter with the HF Trainer (paged_adamw_8bit, grad accumulation, dynamic padding)."""
     cfg = from_mapping(config)
     checkpoints = Path(out_dir).with_name(Path(out_dir).name + ".checkpoints")
+    if (gpus := gpus_for(cfg)) > 1:  # data-parallel: one rank per GPU, supervised, their lines in this task's log
+        from prefect.logging import get_run_logger as run_logger
+
+        return str(train_distributed(cfg, base_model, Path(init_adapter) / "adapter", tokenized_dir, out_dir,
+                                     checkpoints, num_gpus=gpus, log=run_logger().info))
     return str(train_adapter(cfg, base_model, Path(init_adapter) / "adapter", tokenized_dir, out_dir, checkpoints))

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Tokens/s of QLoRA training on 1 vs N GPUs of one host, in one run, and the loss curves of both.
+
+    python bench/bench.py prepare                                   # here, once (bench/.assets)
+    python3 bench/multi_gpu.py run --gpus 2 --write BENCHMARKS.md   # on a 2-GPU machine (carry .whl, bench/.assets)
+
+Same setup as bench/bench.py (Llama-2-7B-shaped model with random weights, data/quotes.csv tokenized by the
+project, repeated), same GPU-default profile on every card. 1 GPU: `bench.py _variant gpu` in one process
+(CUDA_VISIBLE_DEVICES=0). N GPUs: `personatune.distributed.launch_ranks` starts N ranks; each runs the same
+instrumented variant through `personatune.train_rank.train_on_rank` (GPU pinning, DDP, barrier, rank 0 writes).
+Each GPU keeps the profile's micro-batch (16 examples), so an N-GPU optimizer step takes N x 16 examples.
+tokens/s = real tokens of all ranks in the timed steps / rank 0's time for them.
+Loss: the Trainer's logged loss per optimizer step (the mean over ranks on N GPUs), compared (a) at the same
+optimizer step and (b) at the same number of examples seen (N-GPU step k vs 1-GPU step N*k).
+`--check-launcher` also runs `train_distributed` (what the flow's training task calls) for a few steps and checks
+that rank 0 wrote the adapter.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench as single  # noqa: E402  (bench/bench.py)
+
+
+def rank_main(args) -> None:
+    """One rank: bench.py's instrumented `gpu` variant, with train_adapter run as a DDP rank."""
+    import personatune.train as train
+    from personatune.train_rank import train_on_rank
+
+    real = train.train_adapter
+    rank = int(os.environ.get("RANK", 0))
+
+    def keep_history(*a, **k):  # ranks > 0 train into a scratch folder that train_on_rank removes: keep history
+        out = real(*a, **k)
+        if rank:
+            import shutil
+
+            kept = Path(args.dir) / "runs" / f"{args.name}.rank{rank}"
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(out) / "history.json", kept / "history.json")
+            return kept
+        return out
+
+    train.train_adapter = lambda *a, **k: train_on_rank(*a, _train=keep_history, **k)
+    single.VARIANTS[args.name] = single.VARIANTS["gpu"]
+    single.variant(argparse.Namespace(name=args.name, dir=args.dir, steps=args.steps, warmup=args.warmup))
+
+
+def compare(one: dict, many: dict, n: int) -> dict:
+    a, b = one["losses"], many["losses"]
+    same_step = [abs(y - x) / x for x, y in zip(a, b)]
+    same_examples = [(k + 1, a[n * (k + 1) - 1], b[k]) for k in range(len(b)) if n * (k + 1) <= len(a)]
+    k = min(5, len(a), len(b))
+    last = abs(sum(b[-k:]) / k - sum(a[-k:]) / k) / (sum(a[-k:]) / k)
+    return {"steps_compared": len(same_step), "max_rel_diff_same_step": max(same_step), "last_k": k,
+            "mean_last_k_rel_diff_same_step": last,
+            "final_rel_diff_same_step": same_step[-1],
+            "same_examples": [(k, x, y, abs(y - x) / x) for k, x, y in same_examples]}
+
+
+def run(args) -> None:
+    import torch
+
+    from personatune.distributed import launch_ranks, visible_gpus
+
+    n = args.gpus
+    assert visible_gpus() >= n, f"need {n} GPUs, see {visible_gpus()}"
+    work = Path(args.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    bench_py = [sys.executable, str(ROOT / "bench" / "bench.py")]
+    t = time.time()
+    p = subprocess.run(bench_py + ["_setup", "--dir", str(work), "--examples", str(args.examples)], env=env, text=True,
+                       capture_output=True)
+    if p.returncode:
+        print(p.stdout[-3000:], p.stderr[-6000:])
+        raise SystemExit("setup failed")
+    setup = json.loads(next(l for l in p.stdout.splitlines() if l.startswith("SETUP "))[6:])
+    print(f"setup {time.time() - t:.0f} s: {json.dumps(setup)}", flush=True)
+    steps = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+
+    t = time.time()
+    p = subprocess.run(bench_py + ["_variant", "gpu", "--dir", str(work)] + steps, text=True, capture_output=True,
+                       env={**env, "CUDA_VISIBLE_DEVICES": "0"}, timeout=args.timeout)
+    line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if not line:
+        print(p.stdout[-2000:], p.stderr[-4000:])
+        raise SystemExit("1-GPU run failed")
+    one = json.loads(line[7:])
+    print(f"1 GPU ({time.time() - t:.0f} s): {one['tok_s']:.0f} tok/s, step {one['step_s']:.3f} s, losses {one['losses']}",
+          flush=True)
+
+    t = time.time()
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if "RESULT " not in line and ("Error" in line or "error" in line or "Training layout" in line):
+            print(line, flush=True)
+
+    launch_ranks([sys.executable, str(Path(__file__).resolve()), "_rank", "--name", f"gpu-ddp{n}", "--dir", str(work)]
+                 + steps, n, log=log, env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    ranks = {}
+    for line in lines:
+        tag, _, text = line.partition("] ")
+        if text.startswith("RESULT "):
+            ranks[int(tag.removeprefix("[rank "))] = json.loads(text[7:])
+    r0 = ranks[0]
+    tokens = sum(r["tokens"] for r in ranks.values())
+    many = {"tok_s": tokens / r0["seconds"], "step_s": r0["step_s"], "tokens": tokens, "seconds": r0["seconds"],
+            "losses": r0["losses"], "peak_alloc_gib": max(r["peak_alloc_gib"] for r in ranks.values()),
+            "plan": r0["plan"], "per_rank_tokens": [ranks[i]["tokens"] for i in sorted(ranks)],
+            "step_times": r0["step_times"]}
+    print(f"{n} GPUs ({time.time() - t:.0f} s): {many['tok_s']:.0f} tok/s, step {many['step_s']:.3f} s, "
+          f"losses {many['losses']}", flush=True)
+    cmp = compare(one, many, n)
+    speedup = many["tok_s"] / one["tok_s"]
+    result = {"setup": setup, "one": one, "many": many, "compare": cmp, "speedup": speedup, "gpus": n}
+    print("COMPARE " + json.dumps(cmp), flush=True)
+
+    if args.check_launcher:
+        t = time.time()
+        from personatune.config import FinetuneConfig
+        from personatune.distributed import train_distributed
+
+        cfg = FinetuneConfig(profile="gpu", max_steps=3, seed=42, num_gpus=n, output_dir=str(work / "out"))
+        out = work / "launcher" / "adapter"
+        try:
+            train_distributed(cfg, str(work / "llama2-7b-shaped"), work / "init" / "adapter", work / "tokenized", out,
+                              log=lambda l: print(l, flush=True) if ("step " in l or "rror" in l) else None)
+            hist = json.loads((out / "history.json").read_text())
+            result["launcher"] = {"ok": True, "global_step": hist["global_step"], "files": sorted(os.listdir(out)),
+                                  "s": time.time() - t}
+        except Exception as e:  # noqa: BLE001 - report it with the measurements
+            result["launcher"] = {"ok": False, "error": str(e)[-1500:]}
+        print("LAUNCHER " + json.dumps(result["launcher"]), flush=True)
+
+    card = torch.cuda.get_device_name(0)
+    rows = [f"| GPUs | layout per GPU | examples / optimizer step | real tokens/s | x 1 GPU | s / step | peak alloc GiB (max over GPUs) | loss step 1 -> {len(many['losses'])} |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for k, r in ((1, one), (n, many)):
+        p_ = r["plan"]
+        rows.append(f"| {k} | {p_['micro_batch_size']}x{p_['grad_accum']}, packed, {p_['attention']}, ckpt {p_['checkpoint_layers']}/{p_['total_layers']} | "
+                    f"{k * p_['micro_batch_size'] * p_['grad_accum']} | {r['tok_s']:,.0f} | {r['tok_s'] / one['tok_s']:.2f} | "
+                    f"{r['step_s']:.3f} | {r['peak_alloc_gib']:.2f} | {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} |")
+    ex = "; ".join(f"{k * n * 16} examples: {x:.3f} vs {y:.3f} ({100 * d:.1f}%)" for k, x, y, d in cmp["same_examples"][-3:])
+    header = (f"### Multi-GPU: {n} x {card}, {dt.date.today().isoformat()} (`bench/multi_gpu.py`)\n\n"
+              f"Llama-2-7B-shaped model, random weights, QLoRA NF4, LoRA r=8 q_proj,v_proj, GPU profile on each card; "
+              f"{args.warmup} warm-up + {args.steps} timed optimizer steps; torch {setup['torch']}, "
+              f"{', '.join(f'{k} {v}' for k, v in setup['versions'].items())}. {n} GPUs: one DDP rank per GPU "
+              f"(personatune.distributed), per-GPU micro-batch as on one GPU, so a step takes {n}x the examples.\n")
+    notes = (f"\nSpeed-up {speedup:.2f}x. Loss per optimizer step, {n} GPUs vs 1 GPU (same step index, same LR): "
+             f"max relative difference {100 * cmp['max_rel_diff_same_step']:.1f}% over {cmp['steps_compared']} steps, "
+             f"{100 * cmp['final_rel_diff_same_step']:.1f}% at the last, {100 * cmp['mean_last_k_rel_diff_same_step']:.1f}% "
+             f"between the means of the last {cmp['last_k']} steps. At the same number of examples seen: {ex}.\n")
+    text = header + "\n" + "\n".join(rows) + "\n" + notes
+    print("\n" + text)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "multi_gpu.json").write_text(json.dumps(result, indent=2))
+        (Path(args.out) / "multi_gpu.md").write_text(text)
+    if args.write:
+        with open(args.write, "a", encoding="utf-8") as f:
+            f.write("\n" + text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--examples", type=int, default=1200)
+    p.add_argument("--dir", default="/tmp/personatune-bench")
+    p.add_argument("--out", default=os.environ.get("OUT", ""))
+    p.add_argument("--write", default="")
+    p.add_argument("--timeout", type=int, default=300)
+    p.add_argument("--check-launcher", action="store_true")
+    p = sub.add_parser("_rank")
+    p.add_argument("--name", required=True)
+    p.add_argument("--dir", required=True)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args()
+    {"run": run, "_rank": rank_main}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
