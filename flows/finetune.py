@@ -87,7 +87,8 @@ def _flow_signature() -> tuple[inspect.Signature, str]:
 
 finetune.__signature__, finetune.__doc__ = _flow_signature()
 finetune.__annotations__ = {p.name: p.annotation for p in finetune.__signature__.parameters.values()}
-finetune = flow(name="finetune", log_prints=True)(finetune)
+from tasks.progress import flow_run_label  # noqa: E402  (runs are named <base model>@<data hash>)
+finetune = flow(name="finetune", log_prints=True, flow_run_name=flow_run_label)(finetune)
 
 
 def quiet_loading_bars() -> None:

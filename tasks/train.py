@@ -7,6 +7,7 @@ from personatune.config import from_mapping
 from personatune.distributed import gpus_for, train_distributed
 from personatune.train import train_adapter
 from tasks.caching import cached_stage
+from tasks.progress import PrefectTrainingCallback
 
 
 @cached_stage("train", retries=1, retry_delay_seconds=10)
@@ -20,4 +21,6 @@ def train_lora(out_dir: str, config: dict, base_model: str, model_fingerprint: s
 
         return str(train_distributed(cfg, base_model, Path(init_adapter) / "adapter", tokenized_dir, out_dir,
                                      checkpoints, num_gpus=gpus, log=run_logger().info))
-    return str(train_adapter(cfg, base_model, Path(init_adapter) / "adapter", tokenized_dir, out_dir, checkpoints))
+    progress = PrefectTrainingCallback(description=f"LoRA r={cfg.lora_r} on {Path(base_model).name}")
+    return str(train_adapter(cfg, base_model, Path(init_adapter) / "adapter", tokenized_dir, out_dir, checkpoints,
+                             callbacks=[progress]))

@@ -1,0 +1,109 @@
+"""Retrain on change: hash the quotes CSV and emit `quotes.csv.changed` when it differs from what was trained.
+
+    python -m flows.watch                          # one check of data/quotes.csv against outputs/latest
+    python -m flows.watch --force                  # emit even if this content was already announced
+
+Deployed from prefect.yaml as `watch-quotes/every-5-minutes` (interval schedule, plus manual runs). The
+`finetune/personatune` deployment has a trigger on the event and starts a fine-tune with
+`quotes_csv` and `output_dir` taken from the event payload.
+
+What counts as "changed":
+- The last successfully trained data is the `data_sha256` of the bundle `<output_dir>/latest` points at
+  (written by the fine-tune flow's publish step; `latest` only ever names a complete bundle). A failed run
+  publishes nothing, so it never moves this hash.
+- The CSV's sha256 equal to it: unchanged, nothing is emitted.
+- Otherwise the event is emitted once per content: the hash is remembered in the Prefect Variable
+  `personatune_quotes_emitted` (a mapping `{absolute csv path: sha256}`), so a run still queued or
+  training, or one that failed validation, is not started again every interval. Editing the CSV again (a new
+  hash) or `force=True` emits again.
+
+The watcher only hashes: validation is the fine-tune flow's job, so an invalid CSV starts a run that fails
+with the validation error (file, line, column), visible in the UI.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow  # noqa: E402
+from prefect.events import emit_event  # noqa: E402
+from prefect.logging import get_run_logger  # noqa: E402
+from prefect.variables import Variable  # noqa: E402
+
+from personatune.files import COMPLETE_MARKER, sha256_file  # noqa: E402
+
+EVENT = "quotes.csv.changed"
+RESOURCE_PREFIX = "personatune.quotes-csv"
+EMITTED_VARIABLE = "personatune_quotes_emitted"
+
+
+def trained_sha256(output_dir: str | Path) -> str | None:
+    """`data_sha256` of the newest complete bundle (`<output_dir>/latest`), or None if there is none."""
+    latest = Path(output_dir) / "latest"
+    try:
+        if not (latest / COMPLETE_MARKER).is_file():
+            return None
+        return json.loads((latest / "training_config.json").read_text())["data_sha256"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@flow(name="watch-quotes", flow_run_name="watch {quotes_csv}", log_prints=True)
+def watch_quotes(quotes_csv: str = "data/quotes.csv", output_dir: str = "outputs", force: bool = False) -> dict:
+    """Emit `quotes.csv.changed` (path, sha256, previous sha256, output_dir) if the CSV differs from the trained data.
+
+    Args:
+        quotes_csv: The curated CSV to watch (the fine-tune run is started on this path).
+        output_dir: Where the fine-tune deployment publishes bundles; `<output_dir>/latest` holds the data hash of the last successful training.
+        force: Emit even if an event for this exact content was already sent (e.g. to retry after a crash).
+    """
+    log = get_run_logger()
+    path = Path(quotes_csv).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; nothing to watch")
+    out = Path(output_dir).resolve()
+    sha = sha256_file(path)
+    trained = trained_sha256(out)
+    emitted = Variable.get(EMITTED_VARIABLE, default={}) or {}
+    result = {"path": str(path), "sha256": sha, "trained_sha256": trained, "output_dir": str(out)}
+
+    if sha == trained:
+        log.info("%s unchanged (sha256 %s is the trained data in %s/latest): nothing to do", path, sha[:12], out)
+        return {**result, "status": "unchanged"}
+    if emitted.get(str(path)) == sha and not force:
+        log.info("%s changed (sha256 %s) but a fine-tune for this content was already started; "
+                 "not starting another (run with force=True to retry)", path, sha[:12])
+        return {**result, "status": "already-emitted"}
+
+    event = emit_event(
+        event=EVENT,
+        resource={"prefect.resource.id": f"{RESOURCE_PREFIX}.{path}", "prefect.resource.name": path.name},
+        payload={"path": str(path), "sha256": sha, "previous_sha256": trained or "", "output_dir": str(out),
+                 "detected_at": dt.datetime.now(dt.timezone.utc).isoformat()},
+    )
+    Variable.set(EMITTED_VARIABLE, {**emitted, str(path): sha}, overwrite=True)
+    log.info("%s changed: sha256 %s (trained: %s); emitted %s (event id %s)", path, sha[:12],
+             (trained or "none")[:12], EVENT, getattr(event, "id", None))
+    return {**result, "status": "emitted", "event_id": str(getattr(event, "id", ""))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.watch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quotes-csv", default="data/quotes.csv")
+    parser.add_argument("--output-dir", default="outputs")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    result = watch_quotes(quotes_csv=args.quotes_csv, output_dir=args.output_dir, force=args.force)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
