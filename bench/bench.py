@@ -252,6 +252,14 @@ def variant(args) -> None:
         return plan
 
     profiles.plan_training = plan_training
+    if os.environ.get("PERSONATUNE_BENCH_LOGGING_STEPS"):  # e.g. the 1-GPU path logging as a multi-GPU run does
+        real_arguments = train.training_arguments
+
+        def logging_arguments(*a, **k):
+            out = real_arguments(*a, **k)
+            out.logging_steps = int(os.environ["PERSONATUNE_BENCH_LOGGING_STEPS"])
+            return out
+        train.training_arguments = logging_arguments
     times: list[float] = []
     peaks = {}
 
@@ -263,7 +271,10 @@ def variant(args) -> None:
             times.append(time.perf_counter())
 
         def on_step_end(self, a, state, control, **kw):
-            torch.cuda.synchronize()
+            # sync only where the timing window starts and ends: a sync every step would hide what the
+            # training loop's own host syncs (e.g. logging every step) cost
+            if state.global_step in (args.warmup, args.warmup + args.steps):
+                torch.cuda.synchronize()
             times.append(time.perf_counter())
 
     work = Path(args.dir)
@@ -284,7 +295,8 @@ def variant(args) -> None:
            "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB,
            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB, **peaks,
            "loss_first": losses[0], "loss_last": losses[-1], "losses": losses, "steps": steps,
-           "step_times": [round(b - a, 4) for a, b in zip(times, times[1:])]}
+           "step_times": [round(b - a, 4) for a, b in zip(times, times[1:])],
+           "loss_steps": [e["step"] for e in hist["loss"]], "batch_tokens": counts[:steps * accum]}
     print("RESULT " + json.dumps(res), flush=True)
 
 

@@ -3,6 +3,7 @@
 
     python bench/bench.py prepare                                   # here, once (bench/.assets)
     python3 bench/multi_gpu.py run --gpus 2 --write BENCHMARKS.md   # on a 2-GPU machine (carry .whl, bench/.assets)
+    python3 bench/multi_gpu.py sweep --gpus 2 --variants 1gpu,ddp,log10   # 1 GPU, then one N-GPU run per DDP variant
 
 Same setup as bench/bench.py (Llama-2-7B-shaped model with random weights, data/quotes.csv tokenized by the
 project, repeated), same GPU-default profile on every card. 1 GPU: `bench.py _variant gpu` in one process
@@ -38,6 +39,9 @@ def rank_main(args) -> None:
     import personatune.train as train
     from personatune.train_rank import train_on_rank
 
+    import personatune.train_rank as train_rank
+
+    train_rank.DDP_SETTINGS.update(json.loads(args.ddp or "{}"))  # the variant's DDP settings, in this rank
     real = train.train_adapter
     rank = int(os.environ.get("RANK", 0))
 
@@ -175,6 +179,106 @@ def run(args) -> None:
             f.write("\n" + text)
 
 
+# variant -> ("1" or "N" GPUs, DDP_SETTINGS overrides or 1-GPU logging_steps)
+SWEEP = {
+    "1gpu": ("1", {}),
+    "ddp": ("N", {}),
+    "log10": ("N", {"logging_steps": 10}),
+    "log10-static-view": ("N", {"logging_steps": 10, "static_graph": True, "gradient_as_bucket_view": True}),
+    "log10-static-view-balance": ("N", {"logging_steps": 10, "static_graph": True, "gradient_as_bucket_view": True,
+                                        "balance_tokens": True}),
+    "balance": ("N", {"balance_tokens": True}),
+    "1gpu-log10": ("1", {"logging_steps": 10}),
+}
+
+
+def window_compare(one: dict, other: dict) -> dict:
+    """`other`'s logged losses (each the mean over the steps since the previous log) vs the 1-GPU per-step losses
+    averaged over the same steps (same optimizer step index)."""
+    a, prev, rows = one["losses"], 0, []
+    for step, loss in zip(other["loss_steps"], other["losses"]):
+        ref = sum(a[prev:step]) / (step - prev)
+        rows.append((step, ref, loss, abs(loss - ref) / ref))
+        prev = step
+    k = [r for r in rows if r[0] > rows[-1][0] - 10] if rows else []
+    return {"windows": rows, "max_rel": max(r[3] for r in rows),
+            "last10_rel": abs(sum(r[2] * 1 for r in k) / len(k) - sum(r[1] for r in k) / len(k)) / (sum(r[1] for r in k) / len(k))}
+
+
+def sweep(args) -> None:
+    import torch
+
+    from personatune.distributed import launch_ranks, visible_gpus
+
+    n = args.gpus
+    assert visible_gpus() >= n, f"need {n} GPUs, see {visible_gpus()}"
+    work = Path(args.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    bench_py = [sys.executable, str(ROOT / "bench" / "bench.py")]
+    t = time.time()
+    p = subprocess.run(bench_py + ["_setup", "--dir", str(work), "--examples", str(args.examples)], env=env, text=True,
+                       capture_output=True)
+    if p.returncode:
+        print(p.stdout[-3000:], p.stderr[-6000:])
+        raise SystemExit("setup failed")
+    setup = json.loads(next(l for l in p.stdout.splitlines() if l.startswith("SETUP "))[6:])
+    print(f"setup {time.time() - t:.0f} s: card {setup['card']}, torch {setup['torch']}, {setup['versions']}", flush=True)
+    steps = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    results: dict = {"setup": setup, "card": torch.cuda.get_device_name(0), "date": dt.date.today().isoformat(),
+                     "gpus": n, "steps": args.steps, "warmup": args.warmup, "variants": {}}
+    for name in args.variants.split(","):
+        kind, over = SWEEP[name]
+        t = time.time()
+        try:
+            if kind == "1":
+                e = {**env, "CUDA_VISIBLE_DEVICES": "0"}
+                if over.get("logging_steps"):
+                    e["PERSONATUNE_BENCH_LOGGING_STEPS"] = str(over["logging_steps"])
+                p = subprocess.run(bench_py + ["_variant", "gpu", "--dir", str(work)] + steps, text=True,
+                                   capture_output=True, env=e, timeout=args.timeout)
+                line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+                if not line:
+                    raise RuntimeError((p.stdout[-1500:] + p.stderr[-3000:]))
+                r = json.loads(line[7:])
+                r["per_rank_tokens"] = [r["tokens"]]
+            else:
+                lines: list[str] = []
+                launch_ranks([sys.executable, str(Path(__file__).resolve()), "_rank", "--name", f"gpu-{name}",
+                              "--ddp", json.dumps(over), "--dir", str(work)] + steps, n, log=lines.append,
+                             env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+                ranks = {}
+                for line in lines:
+                    tag, _, text = line.partition("] ")
+                    if text.startswith("RESULT "):
+                        ranks[int(tag.removeprefix("[rank "))] = json.loads(text[7:])
+                r = dict(ranks[0])
+                r["per_rank_tokens"] = [ranks[i]["tokens"] for i in sorted(ranks)]
+                r["tokens"] = sum(r["per_rank_tokens"])
+                r["tok_s"] = r["tokens"] / r["seconds"]
+                r["peak_alloc_gib"] = max(x["peak_alloc_gib"] for x in ranks.values())
+                r["rank_batch_tokens"] = [ranks[i]["batch_tokens"] for i in sorted(ranks)]
+                r["rank_seconds"] = [ranks[i]["seconds"] for i in sorted(ranks)]
+        except Exception as ex:  # noqa: BLE001 - keep the other variants
+            print(f"VARIANT {name} failed after {time.time() - t:.0f} s: {str(ex)[-2500:]}", flush=True)
+            results["variants"][name] = {"error": str(ex)[-2500:]}
+            continue
+        r["settings"], r["gpus"], r["wall_s"] = over, (1 if kind == "1" else n), time.time() - t
+        results["variants"][name] = r
+        base = results["variants"].get("1gpu")
+        ratio = r["tok_s"] / base["tok_s"] if base and "tok_s" in base else float("nan")
+        cmp = window_compare(base, r) if base and "losses" in base and name != "1gpu" else None
+        r["ratio"], r["loss_compare"] = ratio, cmp
+        st = sorted(r["step_times"][args.warmup:])
+        print(f"VARIANT {name}: {r['gpus']} GPU(s) {r['tok_s']:,.0f} tok/s, {r['step_s']:.4f} s/step (median "
+              f"{st[len(st) // 2]:.4f}), x{ratio:.3f} vs 1gpu, tokens/rank {r['per_rank_tokens']}, wall {r['wall_s']:.0f} s"
+              + (f", loss windows {[(w[0], round(w[1], 3), round(w[2], 3), round(100 * w[3], 1)) for w in cmp['windows']][-4:]}"
+                 f" max {100 * cmp['max_rel']:.1f}% last10 {100 * cmp['last10_rel']:.1f}%" if cmp else ""), flush=True)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "sweep.json").write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -188,13 +292,23 @@ def main() -> None:
     p.add_argument("--write", default="")
     p.add_argument("--timeout", type=int, default=300)
     p.add_argument("--check-launcher", action="store_true")
+    p = sub.add_parser("sweep", help="1 GPU, then N GPUs once per DDP variant (train_rank.DDP_SETTINGS overrides)")
+    p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--examples", type=int, default=1200)
+    p.add_argument("--dir", default="/tmp/personatune-bench")
+    p.add_argument("--out", default=os.environ.get("OUT", ""))
+    p.add_argument("--timeout", type=int, default=300)
+    p.add_argument("--variants", default=",".join(SWEEP), help=f"comma-separated, of {', '.join(SWEEP)}")
     p = sub.add_parser("_rank")
+    p.add_argument("--ddp", default="")
     p.add_argument("--name", required=True)
     p.add_argument("--dir", required=True)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
-    {"run": run, "_rank": rank_main}[args.cmd](args)
+    {"run": run, "sweep": sweep, "_rank": rank_main}[args.cmd](args)
 
 
 if __name__ == "__main__":

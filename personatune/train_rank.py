@@ -75,10 +75,13 @@ def train_on_rank(cfg, resolved, init_adapter, tokenized_dir, adapter_dir, check
         scratch = Path(tempfile.mkdtemp(prefix=f"personatune-rank{rank}-"))
         adapter_dir = scratch / "adapter"
     real_arguments = train.training_arguments
-    train.training_arguments = lambda *a, **k: ddp_arguments(real_arguments(*a, **k))
+    settings = dict(DDP_SETTINGS)
+    train.training_arguments = lambda *a, **k: ddp_arguments(real_arguments(*a, **k), settings)
     try:
-        return (_train or train.train_adapter)(cfg, resolved, init_adapter, tokenized_dir, adapter_dir, checkpoints_dir,
-                                               callbacks=list(callbacks or []) + _callbacks(rank, world), **kwargs)
+        with _patched_trainer(settings):
+            return (_train or train.train_adapter)(cfg, resolved, init_adapter, tokenized_dir, adapter_dir,
+                                                   checkpoints_dir, callbacks=list(callbacks or []) + _callbacks(rank, world),
+                                                   **kwargs)
     finally:
         train.training_arguments = real_arguments
         if scratch is not None:
@@ -89,13 +92,108 @@ def train_on_rank(cfg, resolved, init_adapter, tokenized_dir, adapter_dir, check
             dist.destroy_process_group()
 
 
-def ddp_arguments(args):
+# DDP settings of every multi-GPU run (the measured defaults: BENCHMARKS.md, "Multi-GPU"). `bench/multi_gpu.py`
+# overrides them per variant in its rank processes to measure each one.
+DDP_SETTINGS = {
+    "logging_steps": 1,               # Trainer logging: a cross-rank loss gather + host syncs each logged step
+    "static_graph": False,            # DDP static_graph (every LoRA parameter is used in every step)
+    "gradient_as_bucket_view": False,  # gradients alias DDP's all-reduce buckets (no copy)
+    "balance_tokens": False,          # reorder each optimizer step's examples so the ranks get similar token counts
+}
+
+
+def ddp_arguments(args, settings: dict | None = None):
     """DDP settings for a LoRA run: every trainable (LoRA) parameter gets a gradient in every step, so DDP need not
     search the graph for unused ones each step; the model's buffers (rotary tables) are the same on every rank,
-    so they need no broadcast before each forward."""
+    so they need no broadcast before each forward. Plus `DDP_SETTINGS`."""
+    settings = {**DDP_SETTINGS, **(settings or {})}
     args.ddp_find_unused_parameters = False
     args.ddp_broadcast_buffers = False
+    args.logging_steps = settings["logging_steps"]
+    if settings["static_graph"]:
+        args.ddp_static_graph = True
     return args
+
+
+def balance_chunk(indices: list[int], lengths, micro: int, bins: int) -> list[int]:
+    """The same examples, laid out as `bins` consecutive micro-batches of `micro` with similar token counts
+    (longest first, each into the lightest micro-batch that has room). A short (last) chunk is left as it is."""
+    if len(indices) != micro * bins or bins < 2:
+        return list(indices)
+    groups: list[list[int]] = [[] for _ in range(bins)]
+    tokens = [0] * bins
+    for i in sorted(indices, key=lambda i: -lengths[i]):
+        b = min((b for b in range(bins) if len(groups[b]) < micro), key=lambda b: tokens[b])
+        groups[b].append(i)
+        tokens[b] += lengths[i]
+    return [i for g in groups for i in g]
+
+
+class BalancedSampler:
+    """Wraps the Trainer's sampler. Accelerate hands the per-device batches round robin to the ranks, so optimizer
+    step k takes the `world x micro x accum` consecutive indices [k*chunk, (k+1)*chunk): reordering within that chunk
+    keeps each step's set of examples and only changes which rank (and micro-batch) gets which example."""
+
+    def __init__(self, inner, lengths, micro: int, accum: int, world: int):
+        self.inner, self.lengths, self.micro, self.bins = inner, lengths, micro, accum * world
+
+    @property
+    def generator(self):  # accelerate synchronizes the shuffling generator of the ranks through this
+        return getattr(self.inner, "generator", None)
+
+    @generator.setter
+    def generator(self, value):
+        self.inner.generator = value
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        order, chunk = list(self.inner), self.micro * self.bins
+        for s in range(0, len(order), chunk):
+            yield from balance_chunk(order[s:s + chunk], self.lengths, self.micro, self.bins)
+
+
+def _patched_trainer(settings: dict):
+    """Context: the Trainer class as a rank needs it for `settings` (token-balanced sampler, bucket-view DDP)."""
+    import contextlib
+
+    import transformers.trainer as hf
+
+    @contextlib.contextmanager
+    def patched():
+        real_sampler, real_kwargs = hf.Trainer._get_train_sampler, hf.DistributedDataParallelKwargs
+
+        def sampler(self, train_dataset=None):
+            import torch
+            from accelerate.data_loader import SeedableRandomSampler
+
+            inner = real_sampler(self, train_dataset)
+            ds = self.train_dataset if train_dataset is None else train_dataset
+            if inner is None or self.args.world_size < 2 or "input_ids" not in getattr(ds, "column_names", ()):
+                return inner
+            if type(inner) is torch.utils.data.RandomSampler:  # what accelerate itself would turn it into, so that
+                config = getattr(self.accelerator, "dataloader_config", None)  # every rank draws the same order
+                inner = SeedableRandomSampler(data_source=inner.data_source, replacement=inner.replacement,
+                                              num_samples=inner._num_samples, generator=inner.generator,
+                                              data_seed=getattr(config, "data_seed", None))
+            return BalancedSampler(inner, [len(x) for x in ds["input_ids"]], self.args.per_device_train_batch_size,
+                                   self.args.gradient_accumulation_steps, self.args.world_size)
+
+        if settings["balance_tokens"]:
+            hf.Trainer._get_train_sampler = sampler
+        if settings["gradient_as_bucket_view"]:
+            hf.DistributedDataParallelKwargs = lambda **k: real_kwargs(**{"gradient_as_bucket_view": True, **k})
+        try:
+            yield
+        finally:
+            hf.Trainer._get_train_sampler, hf.DistributedDataParallelKwargs = real_sampler, real_kwargs
+
+    return patched()
 
 
 def main(argv: list[str] | None = None) -> int:
