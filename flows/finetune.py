@@ -23,7 +23,7 @@ from prefect import flow  # noqa: E402
 from prefect.logging import get_run_logger  # noqa: E402
 
 from personatune.bundle import default_run_name
-from personatune.config import FinetuneConfig, add_config_arguments, config_from_args, from_mapping
+from personatune.config import FinetuneConfig, add_config_arguments, check_paths, config_from_args, from_mapping
 from personatune.files import code_version, sha256_file
 from tasks.data import tokenize_quotes, validate_quotes
 from tasks.evaluate import evaluate_lora
@@ -34,13 +34,14 @@ from tasks.train import train_lora
 
 def finetune(**params) -> dict:
     cfg = from_mapping(params)  # the same validation as CLI flags: types, ranges, known names
+    check_paths(cfg)
     config = cfg.to_dict()
     log = get_run_logger()
     stages: dict[str, str] = {}
 
     base = resolve_base(cfg.base_model, cfg.base_revision)
     model = {"base_model": base["path"], "model_fingerprint": base["fingerprint"]}
-    csv_sha256 = sha256_file(cfg.quotes_csv) if Path(cfg.quotes_csv).is_file() else "missing"
+    csv_sha256 = file_sha256(cfg.quotes_csv)
 
     # 1. data -> 2. tokens -> 3. QLoRA model -> 4. training -> 5. evaluation -> publish
     dataset_dir = validate_quotes(stages, config=config, quotes_csv=cfg.quotes_csv, csv_sha256=csv_sha256)
@@ -48,9 +49,11 @@ def finetune(**params) -> dict:
     model_dir = build_qlora_model(stages, config=config, **model)
     adapter_dir = train_lora(stages, config=config, init_adapter=model_dir, tokenized_dir=tokenized_dir, **model)
     eval_dir = evaluate_lora(stages, config=config, adapter_dir=adapter_dir, tokenized_dir=tokenized_dir,
-                             dataset_dir=dataset_dir, **model)
+                             dataset_dir=dataset_dir, probes_sha256=file_sha256(cfg.probes_csv), **model)
     provenance = {"data_sha256": csv_sha256, "base_model_fingerprint": base["fingerprint"],
-                  "code_version": code_version(), "stages": stages}
+                  "code_version": code_version(), "stages": stages,
+                  "stage_dirs": {"dataset": dataset_dir, "tokenized": tokenized_dir, "model": model_dir,
+                                 "adapter": adapter_dir, "eval": eval_dir}}
     run_dir = publish_bundle(config, cfg.run_name or default_run_name(csv_sha256), adapter_dir, eval_dir, provenance)
     hub = push_to_hub(config, run_dir)  # gate, then one commit to --hub-repo; without a repo: stays local
 
@@ -58,6 +61,10 @@ def finetune(**params) -> dict:
                **json.loads((Path(eval_dir) / "eval.json").read_text())}
     log.info("\n%s", format_summary(summary))
     return summary
+
+
+def file_sha256(path: str) -> str:
+    return sha256_file(path) if path and Path(path).is_file() else "missing"
 
 
 def format_summary(summary: dict) -> str:
@@ -68,6 +75,9 @@ def format_summary(summary: dict) -> str:
         "Stages: " + ", ".join(f"{k} {v}" for k, v in summary["stages"].items()),
         f"Held-out loss: base {el['base']:.4f} -> tuned {el['tuned']:.4f}",
         f"Train loss:    base {tl['base']:.4f} -> tuned {tl['tuned']:.4f}",
+        "Persona similarity (held-out): base {:.3f} -> tuned {:.3f}; run-on rate base {:.0%} -> tuned {:.0%}".format(
+            summary["persona"]["base"]["similarity_heldout"], summary["persona"]["tuned"]["similarity_heldout"],
+            summary["persona"]["base"]["run_on_rate"], summary["persona"]["tuned"]["run_on_rate"]),
     ]
     for s in summary["samples"]:
         lines.append(f"  User: {s['user']}\n  Reply: {s['tuned']}")

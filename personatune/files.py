@@ -54,7 +54,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    _remove_orphans(final)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
@@ -72,8 +73,19 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _remove_orphans(final: Path) -> None:
+    """Temp folders of writers that died (SIGKILL, power loss) before renaming: their pid is gone."""
+    for tmp in final.parent.glob(f".tmp-{final.name}-*-*"):
+        pid = tmp.name[len(f".tmp-{final.name}-"):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -73,15 +73,30 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int, p
 
 
 def last_checkpoint(checkpoints: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest *complete* checkpoint. The Trainer writes checkpoint-N in place and `trainer_state.json`
+    after the weights, so a process killed mid-save leaves a folder without it: skip (and remove) such a folder
+    rather than resume from half a checkpoint."""
+    import re
+    import shutil
 
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if not checkpoints.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in checkpoints.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    for _, path in reversed(found):
+        if (path / "trainer_state.json").is_file() and (path / "adapter_model.safetensors").is_file():
+            return str(path)
+        shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, tokenized_dir: str | Path,
                   adapter_dir: str | Path, checkpoints_dir: str | Path | None = None,
-                  callbacks: list | None = None) -> Path:
-    """Train from the initial adapter into `adapter_dir` (adapter + tokenizer + history.json)."""
+                  callbacks: list | None = None, max_micro_batch: int | None = None) -> Path:
+    """Train from the initial adapter into `adapter_dir` (adapter + tokenizer + history.json).
+
+    `max_micro_batch` caps the examples per forward pass (after an out-of-memory error); the optimizer step
+    keeps its size through more accumulation."""
+    import dataclasses
     import shutil
 
     from transformers import Trainer
@@ -96,6 +111,10 @@ def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, 
     data = load_tokenized(tokenized_dir)
     plan = plan_training(cfg, ModelShape.from_pretrained(resolved, cfg.base_revision) if torch.cuda.is_available() else None,
                          [len(x) for x in data["train"]["input_ids"]])
+    if max_micro_batch and plan.micro_batch_size > max_micro_batch:
+        micro = split_at_most(plan.micro_batch_size * plan.grad_accum, max_micro_batch)
+        plan = dataclasses.replace(plan, micro_batch_size=micro, grad_accum=plan.micro_batch_size * plan.grad_accum // micro,
+                                   reason=plan.reason + f"; micro-batch capped at {max_micro_batch} after out-of-memory")
     logger.info("training layout: %s", plan.describe())
     print(f"Training layout: {plan.describe()}", flush=True)
     cfg = apply_plan_to_config(cfg, plan)
@@ -106,7 +125,11 @@ def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, 
                       data_collator=collator(tok, cfg.packing, varlen=plan.attention == "varlen"),
                       processing_class=tok, callbacks=callbacks)
     resume = last_checkpoint(checkpoints)
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except torch.cuda.OutOfMemoryError as oom:
+        oom.micro_batch_size = plan.micro_batch_size  # what did not fit, for train_with_oom_backoff
+        raise
     history = [
         {"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"], "learning_rate": e.get("learning_rate")}
         for e in trainer.state.log_history if "loss" in e
@@ -123,3 +146,32 @@ def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, 
         }, indent=2) + "\n")
     shutil.rmtree(checkpoints, ignore_errors=True)
     return adapter_dir
+
+
+def split_at_most(effective: int, cap: int) -> int:
+    """The largest micro-batch <= cap that divides the optimizer step exactly."""
+    return max(m for m in range(1, min(cap, effective) + 1) if effective % m == 0)
+
+
+def train_with_oom_backoff(cfg: FinetuneConfig, *args, log=print, **kwargs) -> Path:
+    """`train_adapter`, but a CUDA out-of-memory error retries with half the micro-batch and more gradient
+    accumulation, so the optimizer step (and what is learned) stays the same; it says so through `log`.
+    The retry resumes from the last checkpoint when there is one. Gives up at one example per pass.
+    """
+    import gc
+
+    cap = None
+    while True:
+        try:
+            return train_adapter(cfg, *args, max_micro_batch=cap, **kwargs)
+        except torch.cuda.OutOfMemoryError as oom:
+            used = getattr(oom, "micro_batch_size", cfg.micro_batch_size)
+            if used <= 1:
+                raise
+            effective = cfg.micro_batch_size * cfg.grad_accum
+            cap = split_at_most(effective, used // 2)
+            log(f"CUDA out of memory at micro_batch_size={used}; retrying with micro_batch_size={cap} x "
+                f"grad_accum={effective // cap} (effective batch {effective} kept)")
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()

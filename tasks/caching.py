@@ -26,7 +26,7 @@ STAGE_FIELDS = {
     "build_model": MODEL_FIELDS + ("gradient_checkpointing",),
     "train": MODEL_FIELDS + ("epochs", "max_steps", "learning_rate", "warmup_ratio", "micro_batch_size",
                              "grad_accum", "optim", "packing", "gradient_checkpointing", "profile", "num_gpus"),
-    "evaluate": MODEL_FIELDS + ("num_samples", "max_new_tokens"),
+    "evaluate": MODEL_FIELDS + ("num_samples", "max_new_tokens", "probes_csv"),
 }
 NOT_HASHED = ("out_dir", "config")
 

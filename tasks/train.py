@@ -1,11 +1,13 @@
-"""The training task: retried once, and a retry resumes from the last epoch checkpoint."""
+"""The training task: retried once (resuming from the last epoch checkpoint); CUDA OOM halves the micro-batch."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from personatune.config import from_mapping
 from personatune.distributed import gpus_for, train_distributed
-from personatune.train import train_adapter
+from prefect.logging import get_run_logger
+
+from personatune.train import train_with_oom_backoff
 from tasks.caching import cached_stage
 from tasks.progress import PrefectTrainingCallback
 
@@ -22,5 +24,5 @@ def train_lora(out_dir: str, config: dict, base_model: str, model_fingerprint: s
         return str(train_distributed(cfg, base_model, Path(init_adapter) / "adapter", tokenized_dir, out_dir,
                                      checkpoints, num_gpus=gpus, log=run_logger().info))
     progress = PrefectTrainingCallback(description=f"LoRA r={cfg.lora_r} on {Path(base_model).name}")
-    return str(train_adapter(cfg, base_model, Path(init_adapter) / "adapter", tokenized_dir, out_dir, checkpoints,
-                             callbacks=[progress]))
+    return str(train_with_oom_backoff(cfg, base_model, Path(init_adapter) / "adapter", tokenized_dir, out_dir,
+                                      checkpoints, callbacks=[progress], log=get_run_logger().warning))

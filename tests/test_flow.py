@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import QUOTES
 
-TINY = dict(max_steps=2, micro_batch_size=2, grad_accum=1, num_samples=1, max_new_tokens=24)
+TINY = dict(max_steps=2, micro_batch_size=2, grad_accum=1, num_samples=1, max_new_tokens=16)
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,54 @@ def test_deleting_the_adapter_forces_retraining(first_run):
     summary = finetune(**params)
     assert summary["stages"]["train"] == "ran" and summary["stages"]["tokenize"] == "cached"
     assert (Path(summary["run_dir"]) / "adapter_model.safetensors").is_file()
+
+
+def test_chat_answers_once_and_stops_before_next_turn(first_run):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    params, _ = first_run
+    proc = subprocess.run([sys.executable, "-m", "flows.chat", "--outputs", params["output_dir"], "--max-new-tokens", "32",
+                           "--prompt", "Do you like sunny days?"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reply = proc.stdout.strip()
+    assert reply and "###" not in reply and "User:" not in reply
+    assert "[adapter: " in proc.stderr
+
+
+def test_evaluation_is_deterministic_and_reports_persona_metrics(first_run, tmp_path, base_model_dir):
+    from personatune.config import from_mapping
+    from personatune.evaluate import evaluate_adapter
+
+    params, summary = first_run
+    dirs = json.loads((Path(summary["run_dir"]) / "training_config.json").read_text())["stage_dirs"]
+    again = evaluate_adapter(from_mapping(params), base_model_dir, dirs["adapter"], dirs["tokenized"],
+                             dirs["dataset"], tmp_path / "eval")
+    first = json.loads((Path(summary["run_dir"]) / "eval.json").read_text())
+    second = json.loads((again / "eval.json").read_text())
+    assert first == second
+    for name in ("base", "tuned"):
+        p = first["persona"][name]
+        assert -1 <= p["similarity_heldout"] <= 1 and 0 <= p["run_on_rate"] <= 1 and p["replies"] == first["eval_rows"] + 24
+    assert (Path(summary["run_dir"]) / "eval_plot.png").stat().st_size > 10_000
+    assert "persona similarity" in (Path(summary["run_dir"]) / "report.md").read_text()
+
+
+def test_evaluate_command_takes_an_adapter_folder(first_run, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    params, summary = first_run
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "flows.evaluate", "--adapter", summary["run_dir"], "--quotes-csv",
+                           params["quotes_csv"], "--probes-csv", "", "--max-new-tokens", "8", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ev = json.loads((out / "eval.json").read_text())
+    flow_ev = json.loads((Path(summary["run_dir"]) / "eval.json").read_text())
+    assert ev["eval_loss"] == flow_ev["eval_loss"]  # same adapter, same held-out split, same numbers
+    assert ev["probe_prompts"] == 0 and "held-out loss" in proc.stdout

@@ -49,3 +49,16 @@ def test_packed_and_padded_losses_match_in_fp32(base_model_dir, tokenizer):
         loss_packed = model(**packed).loss.item()
     assert abs(loss_packed - loss_padded) / loss_padded < 1e-4, (loss_packed, loss_padded)
     assert 0.5 < loss_padded < 15
+
+
+def test_dequantized_base_gives_identical_logits(base_model_dir, tokenizer):
+    """CPU inference swaps the 4-bit layers for plain ones holding the same NF4 values: nothing changes but speed."""
+    from personatune.model import dequantize_frozen_base
+
+    model = load_qlora_model(base_model_dir, FinetuneConfig(), trainable=False)
+    batch = tokenizer(["### Instruction:\nBe grim.\n\n### User:\nHello\n\n### Response:\n"], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**batch).logits
+        assert dequantize_frozen_base(model) == 30 * 7  # every q,k,v,o,gate,up,down projection of 30 layers
+        after = model(**batch).logits
+    assert torch.equal(before, after)

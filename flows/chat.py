@@ -1,0 +1,105 @@
+"""Talk to a trained persona adapter.
+
+    python -m flows.chat --prompt "Do you like birthdays?"        # one answer from outputs/latest
+    python -m flows.chat                                         # interactive, streamed
+    python -m flows.chat --adapter you/wednesday-adapter --compare --prompt "Hi!"
+
+Uses the training scaffold with `### Response:` left open and stops at EOS or the next `###` marker during
+generation. Greedy by default; `--temperature` > 0 samples (seeded by `--seed`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "0")
+
+DEFAULT_INSTRUCTION = "Respond as Wednesday Addams: deadpan and morbid."
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m flows.chat", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", help="Adapter bundle folder or Hub repo id (default: outputs/latest).")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit) when --adapter is a repo id.")
+    p.add_argument("--base-model", help="Override the base model recorded in the bundle.")
+    p.add_argument("--outputs", default="outputs", help="Where to look for outputs/latest (default: outputs).")
+    p.add_argument("--prompt", help="Answer this once and exit; without it, chat interactively.")
+    p.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help=f"The ### Instruction line (default: {DEFAULT_INSTRUCTION!r}).")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples.")
+    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass when sampling (default: 1.0).")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="Reply length limit in tokens (default: 96).")
+    p.add_argument("--seed", type=int, default=0, help="Sampling seed (default: 0).")
+    p.add_argument("--compare", action="store_true", help="Also answer with the base model (adapter disabled), side by side.")
+    return p.parse_args(argv)
+
+
+def reply_streamer(tok):
+    """Print the reply as it is generated, but never the `###` marker that stops it."""
+    from transformers import TextStreamer
+
+    class ReplyStreamer(TextStreamer):
+        stopped = False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if not self.stopped and "###" in text:
+                text, self.stopped = text[:text.index("###")].rstrip() + "\n", True
+            elif self.stopped:
+                text = ""
+            print(text, flush=True, end="" if not stream_end else None)
+
+    return ReplyStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+
+
+def answer(model, tok, args, user: str, stream: bool) -> dict:
+    import torch
+
+    from personatune.evaluate import generate_reply
+
+    torch.manual_seed(args.seed)
+    streamer = reply_streamer(tok) if stream else None
+    return generate_reply(model, tok, args.instruction, user, args.max_new_tokens, do_sample=args.temperature > 0,
+                          temperature=args.temperature or 1.0, top_p=args.top_p, streamer=streamer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import transformers
+
+    from personatune.inference import load_for_inference
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model, tok, adapter_dir = load_for_inference(args.adapter, args.revision, args.base_model, args.outputs)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"chat: {e}", file=sys.stderr)
+        return 2
+    print(f"[adapter: {adapter_dir}]", file=sys.stderr)
+
+    def respond(user: str, stream: bool) -> None:
+        tuned = answer(model, tok, args, user, stream=stream and not args.compare)
+        if args.compare:
+            with model.disable_adapter():
+                base = answer(model, tok, args, user, stream=False)
+            print(f"tuned: {tuned['reply']}\nbase:  {base['reply']}")
+        elif not stream:
+            print(tuned["reply"])
+
+    if args.prompt is not None:
+        respond(args.prompt, stream=False)
+        return 0
+    print("Talk to her. Empty line or Ctrl-D to leave.", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ").strip()
+        except EOFError:
+            break
+        if not user:
+            break
+        respond(user, stream=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

