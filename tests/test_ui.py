@@ -1,0 +1,113 @@
+"""The Prefect UI in a real browser: Debian `chromium` driven by Playwright starts the fine-tune deployment with
+the Run button (Quick run, then a Custom run that changes one parameter); the API confirms both runs
+completed, the custom one with that parameter, and that they never overlapped (concurrency limit 1).
+A screenshot of the finished run page is saved under tests/artifacts/.
+
+The stack is deployments/stack.sh on a free port (see tests/test_deployment.py). Runs use the tiny settings as
+the deployment's defaults and the same CSV and outputs as the deployment tests, so the Quick run is served
+from the stage cache when those ran first.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_deployment import FINETUNE, start_stack
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CUSTOM_RUN_NAME = "ui-custom-run"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = start_stack(tmp_path_factory, "ui")
+    yield s
+    assert s.stop() == [], "stack.sh left processes running"
+
+
+@pytest.fixture(scope="module")
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(60_000)
+        yield pg
+        browser.close()
+
+
+def when(iso: str) -> datetime:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+def open_run_menu(page, stack) -> None:
+    page.goto(f"{stack.url}/deployments")
+    page.get_by_role("link", name="personatune", exact=True).first.click()
+    page.wait_for_url(re.compile(r"/deployments/deployment/"))
+    page.get_by_role("button", name="Run", exact=True).click()
+
+
+def test_run_button_quick_and_custom_runs(stack, page):
+    known = {r["id"] for r in stack.runs_of(FINETUNE)}
+    defaults = stack.deployment(FINETUNE)["parameters"]
+
+    # 1. Quick run: the deployment's default parameters
+    open_run_menu(page, stack)
+    page.get_by_text("Quick run", exact=True).click()
+    quick = stack.wait_new_run(FINETUNE, known, timeout=60)
+    known.add(quick["id"])
+
+    # 2. Custom run: the run form, one parameter changed (the bundle's folder name), submitted
+    open_run_menu(page, stack)
+    page.get_by_text("Custom run", exact=True).click()
+    page.wait_for_url(re.compile(r"/run"))
+    field = page.locator(".schema-form-property").filter(
+        has=page.locator(".schema-form-property__label", has_text=re.compile(r"^run_name\b")))
+    field.locator("input, textarea").first.fill(CUSTOM_RUN_NAME)
+    page.get_by_role("button", name="Submit", exact=True).click()
+    custom = stack.wait_new_run(FINETUNE, known, timeout=60)
+
+    quick, custom = stack.wait(quick["id"]), stack.wait(custom["id"])
+    for run in (quick, custom):
+        assert run["state"]["type"] == "COMPLETED", f"{run['name']}: {run['state']}\n{stack.logs(run['id'])}"
+
+    # the API sees exactly what the buttons asked for
+    assert quick["parameters"] == defaults
+    assert custom["parameters"]["run_name"] == CUSTOM_RUN_NAME
+    # the form submits every field: the deployment's defaults, the schema's elsewhere, run_name changed
+    assert {k: custom["parameters"].get(k) for k in defaults if k != "run_name"} == \
+        {k: v for k, v in defaults.items() if k != "run_name"}
+    bundle = Path(defaults["output_dir"]) / CUSTOM_RUN_NAME
+    assert (bundle / ".complete").is_file() and (bundle / "adapter_model.safetensors").is_file()
+    cfg = json.loads((bundle / "training_config.json").read_text())
+    assert cfg["config"]["run_name"] == CUSTOM_RUN_NAME and cfg["config"]["max_steps"] == defaults["max_steps"]
+
+    # concurrency limit 1: the second run started only after the first finished
+    first, second = sorted((quick, custom), key=lambda r: when(r["start_time"]))
+    assert when(second["start_time"]) >= when(first["end_time"]), (first["end_time"], second["start_time"])
+    if when(second["created"]) < when(first["end_time"]):  # it was submitted while the first held the slot: it waited
+        assert any(s["name"] == "AwaitingConcurrencySlot" for s in stack.states(second["id"]))
+
+    # 3. the finished run's page, as a test artifact
+    page.goto(f"{stack.url}/runs/flow-run/{custom['id']}")
+    page.get_by_text("Completed").first.wait_for()
+    page.get_by_text(custom["name"]).first.wait_for()
+    time.sleep(1)  # let the graph and logs settle for the picture
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "ui-finished-run.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    print(f"\n[ui] screenshot of the finished run page: {shot}")
