@@ -22,7 +22,7 @@ from personatune.tokenization import IGNORE_INDEX, load_tokenized, load_tokenize
 from personatune.train import collator
 
 TRAIN_LOSS_ROWS = 64  # train loss is measured on the first 64 training rows (a fixed sample)
-GENERATION_BATCH = 16
+GENERATION_BATCH = 32  # measured on the 2-core CPU: 32 prompts x 48 tokens took 10.6 s in one batch, 16.8 s in two
 
 
 @torch.no_grad()
