@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--revision", help="Hub revision when --adapter is a repo id.")
     p.add_argument("--base-model", help="Override the base model recorded in the bundle.")
     p.add_argument("--quotes-csv", default="data/quotes.csv", help="CSV whose held-out split is evaluated.")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="Held-out share, as in training (default: 0.1).")
     p.add_argument("--probes-csv", default="data/probes.csv", help="Probe prompts (empty to skip).")
     p.add_argument("--max-new-tokens", type=int, default=64, help="Generation limit (default: 64).")
     p.add_argument("--out", default="eval", help="Folder for eval.json, report.md, eval_plot.png (default: eval).")
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         adapter_dir = locate_adapter(args.adapter, args.revision)
         cfg = FinetuneConfig(base_model=args.base_model or base_model_of(adapter_dir), quotes_csv=args.quotes_csv,
-                             probes_csv=args.probes_csv, max_new_tokens=args.max_new_tokens)
+                             eval_fraction=args.eval_fraction, probes_csv=args.probes_csv, max_new_tokens=args.max_new_tokens)
         resolved = resolve_base_model(cfg.base_model)
         with tempfile.TemporaryDirectory() as work:
             dataset = build_dataset(cfg.quotes_csv, cfg.eval_fraction, Path(work) / "dataset")

@@ -35,14 +35,17 @@ def env_for(tmp_path: Path) -> dict:
 
 
 def complete_bundles(out: Path) -> list[Path]:
-    return [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / ".complete").is_file()]
+    return [p for p in out.iterdir()
+            if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") and (p / ".complete").is_file()]
 
 
 def test_sigkill_after_a_checkpoint_resumes_and_finishes(tmp_path, small_csv):
     out = tmp_path / "outputs"
     env = env_for(tmp_path)
-    # 32 train rows / 4 per step = 8 steps an epoch; 3 epochs; a checkpoint at the end of each epoch
-    proc = subprocess.Popen(finetune_cmd(small_csv, out, "--epochs", "3"), cwd=ROOT, env=env,
+    # 36 of the 40 rows land in the train split (hash split, eval_fraction 0.2): 5 steps of <= 8 an epoch,
+    # 2 epochs, a checkpoint at the end of each epoch
+    args = ("--epochs", "2", "--micro-batch-size", "8")
+    proc = subprocess.Popen(finetune_cmd(small_csv, out, *args), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
     checkpoint = None
@@ -57,14 +60,18 @@ def test_sigkill_after_a_checkpoint_resumes_and_finishes(tmp_path, small_csv):
     proc.wait()
     assert not (out / "latest").exists() and not complete_bundles(out)  # nothing half-done is visible
 
-    rerun = subprocess.run(finetune_cmd(small_csv, out, "--epochs", "3"), cwd=ROOT, env=env, capture_output=True,
+    rerun = subprocess.run(finetune_cmd(small_csv, out, *args), cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     bundle = (out / "latest").resolve()
     history = json.loads((bundle / "history.json").read_text())
     assert history["resumed_from"] is not None and history["resumed_from"].startswith("checkpoint-")
     assert int(history["resumed_from"].split("-")[1]) >= int(checkpoint.name.split("-")[1])
-    assert history["global_step"] == 24
+    from personatune.data import load_quotes, split_of
+
+    rows = load_quotes(small_csv)
+    train_rows = sum(split_of(i, u, 0.2) == "train" for i, u in zip(rows["instruction"], rows["user"]))
+    assert train_rows == 36 and history["global_step"] == 2 * 5
     assert (bundle / "adapter_model.safetensors").stat().st_size > 100_000
     assert complete_bundles(out) == [bundle]
     assert not list(out.glob(".tmp-*")) and not list((out / ".cache" / "train").glob(".tmp-*"))

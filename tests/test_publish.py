@@ -25,7 +25,8 @@ TOKEN = "hf_test_" + secrets.token_hex(12)
 BAD_TOKEN = "hf_wrong_" + secrets.token_hex(12)
 REPO = "you/wednesday-adapter"
 # A few steps at a higher learning rate so the tuned model beats base on held-out loss (the gate passes).
-TRAIN = dict(max_steps=3, micro_batch_size=2, grad_accum=1, learning_rate=2e-3, num_samples=1, max_new_tokens=24)
+TRAIN = dict(max_steps=3, micro_batch_size=2, grad_accum=1, learning_rate=2e-3, num_samples=1, max_new_tokens=16,
+             probes_csv="")  # the probes are covered by tests/test_flow.py; keep this file fast
 STAGES = ("validate", "tokenize", "build_model", "train", "evaluate")
 
 
