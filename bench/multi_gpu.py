@@ -73,10 +73,9 @@ def compare(one: dict, many: dict, n: int) -> dict:
             "same_examples": [(k, x, y, abs(y - x) / x) for k, x, y in same_examples]}
 
 
-def run(args) -> None:
-    import torch
-
-    from personatune.distributed import launch_ranks, visible_gpus
+def _prepare(args):
+    """Shared by `run` and `sweep`: check the GPUs, tokenize and build the bench model once (bench.py _setup)."""
+    from personatune.distributed import visible_gpus
 
     n = args.gpus
     assert visible_gpus() >= n, f"need {n} GPUs, see {visible_gpus()}"
@@ -91,6 +90,15 @@ def run(args) -> None:
         print(p.stdout[-3000:], p.stderr[-6000:])
         raise SystemExit("setup failed")
     setup = json.loads(next(l for l in p.stdout.splitlines() if l.startswith("SETUP "))[6:])
+    return n, work, env, bench_py, setup, t
+
+
+def run(args) -> None:
+    import torch
+
+    from personatune.distributed import launch_ranks
+
+    n, work, env, bench_py, setup, t = _prepare(args)
     print(f"setup {time.time() - t:.0f} s: {json.dumps(setup)}", flush=True)
     steps = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
 
@@ -208,21 +216,9 @@ def window_compare(one: dict, other: dict) -> dict:
 def sweep(args) -> None:
     import torch
 
-    from personatune.distributed import launch_ranks, visible_gpus
+    from personatune.distributed import launch_ranks
 
-    n = args.gpus
-    assert visible_gpus() >= n, f"need {n} GPUs, see {visible_gpus()}"
-    work = Path(args.dir)
-    work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    bench_py = [sys.executable, str(ROOT / "bench" / "bench.py")]
-    t = time.time()
-    p = subprocess.run(bench_py + ["_setup", "--dir", str(work), "--examples", str(args.examples)], env=env, text=True,
-                       capture_output=True)
-    if p.returncode:
-        print(p.stdout[-3000:], p.stderr[-6000:])
-        raise SystemExit("setup failed")
-    setup = json.loads(next(l for l in p.stdout.splitlines() if l.startswith("SETUP "))[6:])
+    n, work, env, bench_py, setup, t = _prepare(args)
     print(f"setup {time.time() - t:.0f} s: card {setup['card']}, torch {setup['torch']}, {setup['versions']}", flush=True)
     steps = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     results: dict = {"setup": setup, "card": torch.cuda.get_device_name(0), "date": dt.date.today().isoformat(),
