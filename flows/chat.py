@@ -19,12 +19,11 @@ DEFAULT_INSTRUCTION = "Respond as Wednesday Addams: deadpan and morbid."
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from personatune.inference import add_adapter_arguments
+
     p = argparse.ArgumentParser(prog="python -m flows.chat", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--adapter", help="Adapter bundle folder or Hub repo id (default: outputs/latest).")
-    p.add_argument("--revision", help="Hub revision (branch, tag or commit) when --adapter is a repo id.")
-    p.add_argument("--base-model", help="Override the base model recorded in the bundle.")
-    p.add_argument("--outputs", default="outputs", help="Where to look for outputs/latest (default: outputs).")
+    add_adapter_arguments(p)
     p.add_argument("--prompt", help="Answer this once and exit; without it, chat interactively.")
     p.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help=f"The ### Instruction line (default: {DEFAULT_INSTRUCTION!r}).")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples.")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from personatune.inference import add_adapter_arguments
+
     p = argparse.ArgumentParser(prog="python -m flows.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--adapter", help="Adapter bundle folder or Hub repo id (default: outputs/latest).")
-    p.add_argument("--revision", help="Hub revision when --adapter is a repo id.")
-    p.add_argument("--base-model", help="Override the base model recorded in the bundle.")
+    add_adapter_arguments(p)
     p.add_argument("--quotes-csv", default="data/quotes.csv", help="CSV whose held-out split is evaluated.")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="Held-out share, as in training (default: 0.1).")
     p.add_argument("--probes-csv", default="data/probes.csv", help="Probe prompts (empty to skip).")
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: {args.out} already exists; choose another --out or remove it", file=sys.stderr)
         return 2
     try:
-        adapter_dir = locate_adapter(args.adapter, args.revision)
+        adapter_dir = locate_adapter(args.adapter, args.revision, args.outputs)
         cfg = FinetuneConfig(base_model=args.base_model or base_model_of(adapter_dir), quotes_csv=args.quotes_csv,
                              eval_fraction=args.eval_fraction, probes_csv=args.probes_csv, max_new_tokens=args.max_new_tokens)
         resolved = resolve_base_model(cfg.base_model)

@@ -12,6 +12,14 @@ from personatune.model import dequantize_frozen_base, load_qlora_model, resolve_
 from personatune.tokenization import load_tokenizer
 
 
+def add_adapter_arguments(parser) -> None:
+    """The flags every command that loads an adapter shares (chat, evaluate); `locate_adapter` reads them."""
+    parser.add_argument("--adapter", help="Adapter bundle folder or Hub repo id (default: outputs/latest).")
+    parser.add_argument("--revision", help="Hub revision (branch, tag or commit) when --adapter is a repo id.")
+    parser.add_argument("--base-model", help="Override the base model recorded in the bundle.")
+    parser.add_argument("--outputs", default="outputs", help="Where to look for outputs/latest (default: outputs).")
+
+
 def locate_adapter(adapter: str | None, revision: str | None = None, outputs: str = "outputs") -> Path:
     """`None` -> the latest complete bundle; a folder -> itself; anything else is a Hub repo id (downloaded)."""
     if not adapter:
