@@ -55,6 +55,12 @@ VARIANTS = {
     "lowmem-16x1": ({"profile": "low-memory"}, {"micro_batch_size": 16, "grad_accum": 1}, None, "low-memory, whole step"),
     "gpu-32x1": ({"profile": "gpu", "grad_accum": 8}, {"micro_batch_size": 32, "grad_accum": 1}, None,
                  "32 examples a step (a different recipe: shows how speed scales with step size)"),
+    "gpu-4bit": ({"profile": "gpu"}, {"dequantized_base": False}, None,
+                 "GPU default with the frozen weights kept in 4 bits (what a card without room for them gets)"),
+    "gpu-eager": ({"profile": "gpu"}, {"dequantized_base": False, "compile": False}, None,
+                  "GPU default without compiled layers or dequantized weights (run 2's default)"),
+    "gpu-log1": ({"profile": "gpu", "_logging_steps": 1}, None, None,
+                 "GPU default but the Trainer logging every step (a host-GPU sync a step; the default logs every 10)"),
 }
 DEFAULT_SET = ["seed", "gpu", "gpu@24GiB", "low-memory"]
 
@@ -216,6 +222,9 @@ def setup(args) -> None:
 # ------------------------------------------------------------------------------------------------ one variant (GPU)
 def variant(args) -> None:
     cfg_over, plan_over, card_gib, _ = VARIANTS[args.name]
+    cfg_over = dict(cfg_over)
+    if "_logging_steps" in cfg_over:
+        os.environ["PERSONATUNE_BENCH_LOGGING_STEPS"] = str(cfg_over.pop("_logging_steps"))
     if card_gib:
         os.environ["PERSONATUNE_GPU_MEMORY_GIB"] = str(card_gib)
     import torch
@@ -311,21 +320,24 @@ def fmt_table(setup_info: dict, results: list[dict], meta: dict) -> str:
     flops_per_token = 4 * (layer_params + setup_info["vocab"] * SHAPE_7B["hidden_size"])  # frozen base: fwd 2N + input-grad 2N
     seed = next((r for r in results if r["name"] == "seed" and "tok_s" in r), None)
     med = lambda r: r["tokens_per_step"] / sorted(r["step_times"][args_warmup(r):])[len(r["step_times"][args_warmup(r):]) // 2]
-    rows = ["| variant | layout | real tokens/s | x seed | tokens/s at median step (x seed) | peak alloc GiB | peak reserved GiB | MFU | 3 epochs of quotes.csv | loss step 1 -> step N |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| variant | layout | real tokens/s | x seed | tokens/s at median step (x seed) | peak alloc GiB | peak reserved GiB | MFU | first steps (warm-up) | 3 epochs of quotes.csv | loss step 1 -> step N |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "tok_s" not in r:
-            rows.append(f"| {r['name']} | {VARIANTS[r['name']][3]} | failed: {r.get('error', '?')[:80]} | | | | | | | |")
+            rows.append(f"| {r['name']} | {VARIANTS[r['name']][3]} | failed: {r.get('error', '?')[:80]} | | | | | | | | |")
             continue
         p = r["plan"]
         layout = (f"{p['micro_batch_size']}x{p['grad_accum']}, {'packed' if p['packing'] else 'padded'}, {p['attention']}, "
-                  f"ckpt {p['checkpoint_layers']}/{p['total_layers']}, head {'lean' if p['lean_head'] else 'fp32'}")
+                  f"ckpt {p['checkpoint_layers']}/{p['total_layers']}, head {'lean' if p['lean_head'] else 'fp32'}"
+                  + (", compiled" if p.get("compile") else "") + (", bf16 weights" if p.get("dequantized_base") else ""))
         mfu = r["tok_s"] * flops_per_token / (setup_info["bf16_matmul_tflops"] * 1e12)
         ratio = f"{r['tok_s'] / seed['tok_s']:.1f}" if seed else "-"
         epochs3 = 3 * train_tokens / r["tok_s"]
         mratio = f" ({med(r) / med(seed):.1f})" if seed else ""
+        warm = sum(r["step_times"][:args_warmup(r)])
         rows.append(f"| {r['name']} | {layout} | {r['tok_s']:,.0f} | {ratio} | {med(r):,.0f}{mratio} | {r['peak_alloc_gib']:.2f} | "
-                    f"{r['peak_reserved_gib']:.2f} | {100 * mfu:.1f}% | {epochs3:.0f} s | {r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
+                    f"{r['peak_reserved_gib']:.2f} | {100 * mfu:.1f}% | {warm:.1f} s | {epochs3:.0f} s (+{max(0.0, warm - args_warmup(r) * r['step_s']):.0f} s) | "
+                    f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
     return "\n".join(rows)
 
 

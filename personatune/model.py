@@ -178,25 +178,28 @@ def build_model(resolved: str, cfg: FinetuneConfig, out_dir: str | Path) -> Path
 def dequantize_frozen_base(model) -> int:
     """Swap every frozen 4-bit linear layer for a plain one holding exactly the weights it computes with.
 
-    For inference on a CPU: bitsandbytes dequantizes each 4-bit weight again for every token generated, which
-    dominates CPU generation time. Dequantizing once gives the same model (the NF4 values, now stored in the
-    compute dtype) at a fraction of the time; LoRA layers keep wrapping the new base layers. Not for CUDA,
-    where the 4-bit kernels are fast and the memory saving is the point. Returns the number of layers swapped.
+    bitsandbytes dequantizes each 4-bit weight again for every forward (and backward) pass; dequantizing once
+    gives the same model (the NF4 values, now stored in the compute dtype) without those kernels, at 4x the
+    weights' memory. Used for CPU inference (where re-dequantizing dominates generation time) and by the GPU
+    profile on a card with memory to spare. LoRA layers keep wrapping the new base layers. Layers are swapped
+    one at a time and the 4-bit one is released at once, so the peak is the new weights plus one layer.
+    Returns the number of layers swapped.
     """
     import bitsandbytes as bnb
 
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit):
-                weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
-                plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                        dtype=child.compute_dtype or weight.dtype, device=weight.device)
-                with torch.no_grad():
-                    plain.weight.copy_(weight)
-                    if child.bias is not None:
-                        plain.bias.copy_(child.bias)
-                plain.requires_grad_(False)
-                setattr(parent, name, plain)
-                swapped += 1
-    return swapped
+    targets = [(parent_name, name) for parent_name, parent in model.named_modules()
+               for name, child in parent.named_children() if isinstance(child, bnb.nn.Linear4bit)]
+    for parent_name, name in targets:
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, name)
+        weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
+        plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                dtype=child.compute_dtype or weight.dtype, device=weight.device)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if child.bias is not None:
+                plain.bias.copy_(child.bias)
+        plain.requires_grad_(False)
+        setattr(parent, name, plain)
+        del child, weight
+    return len(targets)

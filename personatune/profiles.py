@@ -9,8 +9,8 @@ the whole step, so the gradients are the same up to rounding.
 |---|---|---|
 | `auto` (default) | CUDA | `gpu` |
 | `auto` | CPU | `manual` (the CPU path is unchanged) |
-| `gpu` | CUDA | bf16, padding-free packing, varlen flash attention, the whole optimizer step in one micro-batch, activation checkpointing on only as many layers as the card's memory needs, frozen lm_head kept in the compute dtype, chunked loss |
-| `low-memory` | CUDA, small cards | the same, with every layer checkpointed: fits where the seed recipe fits |
+| `gpu` | CUDA | bf16, padding-free packing, varlen flash attention, the whole optimizer step in one micro-batch, activation checkpointing on only as many layers as the card's memory needs, frozen lm_head kept in the compute dtype, chunked loss, decoder layers compiled (`compile`), and on a card with memory to spare the frozen NF4 weights cached dequantized in the compute dtype |
+| `low-memory` | CUDA, small cards | the same, with every layer checkpointed and the weights kept in 4 bits: fits where the seed recipe fits |
 | `manual` | anywhere | exactly the config's `micro_batch_size`, `grad_accum`, `gradient_checkpointing`, `packing`; stock SDPA attention |
 
 `plan_training` is a pure function of the config, the model's shape, the examples' lengths and the card's memory, so
@@ -76,6 +76,11 @@ class TrainPlan:
     budget_gib: float | None
     reason: str
     loss_chunk_tokens: int = 1024  # tokens whose logits exist at once in the chunked loss
+    compile: bool = False          # torch.compile each decoder layer (regional compilation)
+    dequantized_base: bool = False  # frozen NF4 weights cached dequantized (same values, 4x their memory, no
+                                    # dequantize kernels in the step)
+    logging_steps: int = 1         # Trainer logging interval: each log reads the loss back (a host-GPU sync);
+                                   # the per-step loss is still recorded (personatune.train.StepLosses)
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -88,7 +93,8 @@ class TrainPlan:
             f", estimated peak {self.estimated_peak_gib:.1f} GiB of a {self.budget_gib:.1f} GiB budget")
         return (f"profile {self.profile}: {self.micro_batch_size} examples x {self.grad_accum} accumulation, "
                 f"packing {'on' if self.packing else 'off'}, attention {self.attention}, checkpointing {ckpt}, "
-                f"lean head {'on' if self.lean_head else 'off'}{mem} ({self.reason})")
+                f"lean head {'on' if self.lean_head else 'off'}, compiled layers {'on' if self.compile else 'off'}, "
+                f"frozen weights {'dequantized (NF4 values)' if self.dequantized_base else '4-bit'}{mem} ({self.reason})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,13 +114,23 @@ LOW_MEMORY_LOSS_CHUNK_TOKENS = 256
 LOSS_BYTES = 12
 FIXED_GIB = 0.6                   # CUDA workspaces, LoRA weights and optimizer state, allocator slack
 HEADROOM = 0.92                   # share of the card's memory the plan may use
+# Compiled layers keep fewer activations (fused casts and elementwise ops): peak memory above the weights fell
+# from 6.7 to 3.6 GiB on the 7B bench step (H200, BENCHMARKS.md). 0.6 keeps a margin over the measured 0.54.
+COMPILED_ACT_SCALE = 0.6
+# Caching the dequantized weights is chosen only when the estimate stays this far under the budget: the estimate
+# was calibrated on 4-bit runs, and the speed-up is not worth an out-of-memory retry.
+DEQUANTIZED_HEADROOM = 0.85
+# A Trainer log reads the loss back from the GPU: a sync that drains the queue every logged step. At ~0.1 s a step
+# logging every step cost 35% of the throughput (0.133 vs 0.085 s a step, H200, BENCHMARKS.md); every 10 steps is
+# a line a second. The loss of every step is still recorded without a sync (history.json).
+GPU_LOGGING_STEPS = 10
 
 
 def estimate_peak_gib(shape: ModelShape, tokens: int, checkpoint_layers: int, lean_head: bool = True,
-                      loss_chunk: int = LOSS_CHUNK_TOKENS) -> float:
-    weights = shape.layer_params * 0.5 * 1.04                        # NF4 + double-quantized scales
+                      loss_chunk: int = LOSS_CHUNK_TOKENS, compiled: bool = False, dequantized: bool = False) -> float:
+    weights = shape.layer_params * (2.0 if dequantized else 0.5 * 1.04)  # bf16 copies, or NF4 + double-quant scales
     weights += 2 * shape.vocab * shape.hidden * (2 if lean_head else 4)  # embedding + lm_head (fp32 after kbit prep)
-    per_layer = ACT_PER_HIDDEN * shape.hidden + ACT_PER_INTER * shape.intermediate
+    per_layer = (ACT_PER_HIDDEN * shape.hidden + ACT_PER_INTER * shape.intermediate) * (COMPILED_ACT_SCALE if compiled else 1)
     acts = tokens * ((shape.layers - checkpoint_layers) * per_layer + checkpoint_layers * CKPT_PER_HIDDEN * shape.hidden)
     if checkpoint_layers:
         acts += tokens * per_layer                                   # the layer being recomputed
@@ -153,7 +169,9 @@ def plan_training(cfg, shape: ModelShape | None = None, lengths: list[int] | Non
     if shape is None or not lengths:
         raise ValueError("a GPU profile needs the model shape and the example lengths")
     effective = cfg.micro_batch_size * cfg.grad_accum
-    budget = (memory_gib if memory_gib is not None else (card_memory_gib() or 0.0)) * HEADROOM
+    compiled = bool(getattr(cfg, "compile", True))
+    card = memory_gib if memory_gib is not None else (card_memory_gib() or 0.0)
+    budget = card * HEADROOM
     # Splits of the optimizer step into micro-batches, biggest first (fewest passes over the frozen weights).
     splits = [m for m in range(effective, 0, -1) if effective % m == 0]
     if profile == "low-memory":
@@ -166,20 +184,28 @@ def plan_training(cfg, shape: ModelShape | None = None, lengths: list[int] | Non
             if not budget or est <= budget or m == 1:
                 return TrainPlan("low-memory", m, effective // m, True, layers, layers, "varlen", True, round(est, 2),
                                  round(budget, 2) if budget else None,
-                                 "all layers checkpointed, lean embedding/head, largest micro-batch that fits", chunk)
-    # gpu: fewest micro-batches first, then fewest checkpointed layers, that fit the budget.
+                                 "all layers checkpointed, lean embedding/head, largest micro-batch that fits", chunk,
+                                 compile=compiled, logging_steps=GPU_LOGGING_STEPS)
+    # gpu: fewest micro-batches first, then fewest checkpointed layers, that fit the budget; then, if the same layout
+    # still fits with the frozen weights dequantized (a card with memory to spare), cache them so.
     for m in splits:
         tokens = longest_step_tokens(lengths, m)
         for ckpt in range(0, layers + 1):
-            est = estimate_peak_gib(shape, tokens, ckpt)
+            est = estimate_peak_gib(shape, tokens, ckpt, compiled=compiled)
             if est <= budget:
                 why = ("no checkpointing needed" if ckpt == 0 else f"checkpointing {ckpt} layers to fit") + (
                     f", whole step in one micro-batch" if m == effective else f", step split in {effective // m}")
+                est_deq = estimate_peak_gib(shape, tokens, ckpt, compiled=compiled, dequantized=True)
+                dequantized = ckpt == 0 and est_deq <= card * DEQUANTIZED_HEADROOM
+                if dequantized:
+                    est, why = est_deq, why + ", memory to spare: frozen weights dequantized once"
                 return TrainPlan("gpu", m, effective // m, True, ckpt, layers, "varlen", True, round(est, 2),
-                                 round(budget, 2), why)
-    est = estimate_peak_gib(shape, longest_step_tokens(lengths, 1), layers)
+                                 round(budget, 2), why, compile=compiled, dequantized_base=dequantized,
+                                 logging_steps=GPU_LOGGING_STEPS)
+    est = estimate_peak_gib(shape, longest_step_tokens(lengths, 1), layers, compiled=compiled)
     return TrainPlan("gpu", 1, effective, True, layers, layers, "varlen", True, round(est, 2), round(budget, 2),
-                     "card too small for the estimate; smallest layout")
+                     "card too small for the estimate; smallest layout", compile=compiled,
+                     logging_steps=GPU_LOGGING_STEPS)
 
 
 def apply_plan_to_config(cfg, plan: TrainPlan):
@@ -274,6 +300,10 @@ def apply_plan(model, plan: TrainPlan, compute_dtype: torch.dtype) -> None:
     if plan.profile == "manual":
         return
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if plan.dequantized_base:
+        from personatune.model import dequantize_frozen_base
+
+        dequantize_frozen_base(model)
     if plan.attention == "varlen":
         register_varlen_attention()
         for cfg in {id(c): c for c in (inner.config, getattr(inner.config, "text_config", None)) if c is not None}.values():
@@ -312,3 +342,20 @@ def apply_plan(model, plan: TrainPlan, compute_dtype: torch.dtype) -> None:
                 return ForCausalLMLoss(logits, labels, vocab_size or logits.shape[-1], num_items_in_batch, **kwargs)
 
             inner.loss_function = loss_function
+    if plan.compile:
+        compile_layers(inner)
+
+
+def decoder_layers(model) -> list:
+    return [m for m in model.modules() if m.__class__.__name__.endswith("DecoderLayer")]
+
+
+def compile_layers(model, **kwargs) -> int:
+    """Regional compilation: torch.compile each decoder layer in place (the module tree and state dict keys stay
+    as they are, so adapters save as before). The layers share one compiled graph; packed rows of a new length
+    recompile once, after which lengths are dynamic. bitsandbytes' 4-bit ops are torch custom ops, so the 4-bit
+    path traces without graph breaks (measured: no breaks on Llama, BENCHMARKS.md)."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(**kwargs)
+    return len(layers)

@@ -59,10 +59,10 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int, p
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16 and torch.cuda.is_available(),
         gradient_checkpointing=cfg.gradient_checkpointing and (plan is None or plan.profile == "manual"),
-        logging_steps=1,
         save_strategy="epoch" if cfg.max_steps < 0 else "steps",
         save_steps=max(1, steps_per_epoch),
         save_total_limit=2,
+        logging_steps=plan.logging_steps if plan is not None else 1,
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to="none",
@@ -70,6 +70,67 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int, p
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+class StepLosses:
+    """The training loss of every optimizer step, without reading it back from the GPU every step.
+
+    The Trainer reads the loss back (a host-GPU sync) only when it logs; under a GPU plan that logs every
+    `logging_steps`, this keeps each step's loss tensor (the sum of its micro-batches' losses, which is what the
+    Trainer logs for one step) and reads them all back in one go when the Trainer logs and at the end.
+    """
+
+    def __init__(self):
+        self.pending: list = []          # micro-batch losses of the step in progress (device tensors)
+        self.steps: list[tuple] = []     # (step, epoch, lr, loss tensor or float)
+
+    def trainer_class(self):
+        from transformers import Trainer
+
+        recorder = self
+
+        class RecordingTrainer(Trainer):
+            def training_step(self, *args, **kwargs):
+                loss = super().training_step(*args, **kwargs)
+                recorder.pending.append(loss.detach())
+                return loss
+
+        return RecordingTrainer
+
+    def callback(self, trainer_ref):
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class Close(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if recorder.pending:
+                    loss = recorder.pending[0] if len(recorder.pending) == 1 else torch.stack(recorder.pending).sum()
+                    scheduler = trainer_ref().lr_scheduler
+                    lr = scheduler.get_last_lr()[0] if scheduler is not None else None
+                    recorder.steps.append((state.global_step, state.epoch, lr, loss))
+                    recorder.pending = []
+
+            def on_log(self, args, state, control, **kwargs):
+                recorder.read_back()
+
+        return Close()
+
+    def read_back(self) -> None:
+        idx = [i for i, s in enumerate(self.steps) if torch.is_tensor(s[3])]
+        if idx:
+            values = torch.stack([self.steps[i][3].float() for i in idx]).tolist()
+            for i, v in zip(idx, values):
+                self.steps[i] = (*self.steps[i][:3], v)
+
+    def history(self, logged: list[dict]) -> list[dict]:
+        """Per-step entries; steps before the first recorded one (a run resumed from a checkpoint) come from the
+        Trainer's own log, restored with the checkpoint."""
+        self.read_back()
+        first = self.steps[0][0] if self.steps else float("inf")
+        earlier = [e for e in logged if e["step"] < first]
+        return earlier + [{"step": step, "epoch": epoch, "loss": round(loss, 6), "learning_rate": lr}
+                          for step, epoch, lr, loss in self.steps]
 
 
 def last_checkpoint(checkpoints: Path) -> str | None:
@@ -99,8 +160,6 @@ def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, 
     import dataclasses
     import shutil
 
-    from transformers import Trainer
-
     from personatune.profiles import ModelShape, apply_plan, apply_plan_to_config, plan_training
 
     adapter_dir = Path(adapter_dir)
@@ -121,9 +180,11 @@ def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, 
     model = load_qlora_model(resolved, cfg, adapter_dir=str(init_adapter), trainable=True)
     apply_plan(model, plan, compute_dtype(cfg.compute_dtype))
     args = training_arguments(cfg, checkpoints, len(data["train"]), plan)
-    trainer = Trainer(model=model, args=args, train_dataset=data["train"],
-                      data_collator=collator(tok, cfg.packing, varlen=plan.attention == "varlen"),
-                      processing_class=tok, callbacks=callbacks)
+    recorder = StepLosses()
+    trainer = recorder.trainer_class()(
+        model=model, args=args, train_dataset=data["train"],
+        data_collator=collator(tok, cfg.packing, varlen=plan.attention == "varlen"),
+        processing_class=tok, callbacks=list(callbacks or []) + [recorder.callback(lambda: trainer)])
     resume = last_checkpoint(checkpoints)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -134,6 +195,8 @@ def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, 
         {"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"], "learning_rate": e.get("learning_rate")}
         for e in trainer.state.log_history if "loss" in e
     ]
+    if args.logging_steps > 1:  # the Trainer logged every few steps only: the recorder has every step
+        history = recorder.history(history)
     with atomic_dir(adapter_dir) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

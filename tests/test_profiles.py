@@ -110,3 +110,119 @@ def test_gpu_plan_model_gives_the_padded_loss_in_fp32(base_model_dir, tokenizer)
         packed = collator(tokenizer, packing=True, varlen=True)([{k: v for k, v in f.items() if k != "attention_mask"} for f in feats])
         loss_plan = model(**packed).loss.item()
     assert abs(loss_plan - loss_padded) / loss_padded < 1e-4, (loss_plan, loss_padded)
+
+
+def test_dequantized_weights_only_on_a_card_with_room_and_never_with_checkpointing():
+    gpu = FinetuneConfig(profile="gpu")
+    big = plan_training(gpu, LLAMA_7B, LENGTHS, memory_gib=80, cuda=True)
+    assert big.dequantized_base and big.compile and big.checkpoint_layers == 0
+    assert big.estimated_peak_gib > plan_training(gpu.replace(compile=False), LLAMA_7B, LENGTHS, memory_gib=16,
+                                                  cuda=True).estimated_peak_gib
+    # 24 GiB: the dequantized 7B (12 GiB of weights) fits only with the compiled layers' smaller activations
+    assert plan_training(gpu, LLAMA_7B, LENGTHS, memory_gib=24, cuda=True).dequantized_base
+    assert not plan_training(gpu.replace(compile=False), LLAMA_7B, LENGTHS, memory_gib=24, cuda=True).dequantized_base
+    small = plan_training(gpu, LLAMA_7B, LENGTHS, memory_gib=16, cuda=True)
+    assert not small.dequantized_base and small.estimated_peak_gib <= 0.92 * 16
+    low = plan_training(FinetuneConfig(profile="low-memory"), LLAMA_7B, LENGTHS, memory_gib=141, cuda=True)
+    assert not low.dequantized_base and low.compile
+    assert not plan_training(FinetuneConfig(profile="gpu", compile=False), LLAMA_7B, LENGTHS, memory_gib=80, cuda=True).compile
+    assert "compiled layers on" in big.describe() and "dequantized" in big.describe()
+
+
+def _loss_and_lora_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None])
+    return loss.detach(), grads
+
+
+def _trainable_model(base_model_dir):
+    cfg = FinetuneConfig(compute_dtype="fp32", lora_dropout=0.0)
+    model = load_qlora_model(base_model_dir, cfg, trainable=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    model.train()
+    return model
+
+
+def test_dequantized_base_trains_exactly_like_the_4bit_base(base_model_dir, tokenizer):
+    """The GPU profile's dequantized weights are the NF4 values: same loss and LoRA gradients (fp32, CPU)."""
+    from personatune.model import dequantize_frozen_base
+    from tests.test_packing import features
+
+    model = _trainable_model(base_model_dir)
+    batch = collator(tokenizer)(features(tokenizer))
+    loss4, g4 = _loss_and_lora_grads(model, batch)
+    assert dequantize_frozen_base(model) == 30 * 7
+    loss, g = _loss_and_lora_grads(model, batch)
+    assert abs(loss - loss4) / loss4 < 1e-6 and float((g - g4).norm() / g4.norm()) < 1e-5
+    assert g.shape == g4.shape and g4.abs().sum() > 0
+
+
+def test_compiled_layers_trace_the_4bit_lora_layer_and_keep_loss_and_gradients(base_model_dir, tokenizer):
+    """Regional compilation as the GPU profile does it, traced through dynamo + AOT autograd on the CPU
+    (the 'aot_eager' backend: the same graphs and autograd as on CUDA, eager kernels): same loss, same LoRA
+    gradients, no graph break in the 4-bit + LoRA decoder layer, and adapters save under unchanged names."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from personatune.profiles import compile_layers
+    from tests.test_packing import features
+
+    model = _trainable_model(base_model_dir)
+    batch = collator(tokenizer)(features(tokenizer))
+    loss_eager, g_eager = _loss_and_lora_grads(model, batch)
+    keys = set(model.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert compile_layers(model, backend="aot_eager") == 30
+        loss, g = _loss_and_lora_grads(model, batch)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] >= 1
+    finally:
+        torch._dynamo.reset()
+    assert abs(loss - loss_eager) / loss_eager < 1e-5 and float((g - g_eager).norm() / g_eager.norm()) < 1e-4
+    assert set(model.state_dict()) == keys
+
+
+def test_logging_every_few_steps_still_records_every_step_loss(tmp_path, base_model_dir, tokenizer, good_rows, monkeypatch):
+    """GPU plans log every GPU_LOGGING_STEPS (a log reads the loss back from the device); history.json still gets
+    each step's loss, and those agree with what the Trainer logged for the same steps."""
+    import dataclasses
+    import json
+
+    import personatune.profiles as profiles
+    from personatune.data import build_dataset
+    from personatune.model import build_model
+    from personatune.tokenization import tokenize_dataset
+    from personatune.train import train_adapter
+    from tests.conftest import write_csv
+    from transformers import TrainerCallback
+
+    assert plan_training(FinetuneConfig(profile="gpu"), LLAMA_7B, LENGTHS, memory_gib=24, cuda=True).logging_steps > 1
+    real = profiles.plan_training
+    monkeypatch.setattr(profiles, "plan_training", lambda *a, **k: dataclasses.replace(real(*a, **k), logging_steps=2))
+    cfg = FinetuneConfig(compute_dtype="fp32", max_steps=4, micro_batch_size=2, grad_accum=2, eval_fraction=0.2)
+    csv = write_csv(tmp_path / "quotes.csv", good_rows)
+    ds = build_dataset(csv, cfg.eval_fraction, tmp_path / "dataset")
+    tokenized = tokenize_dataset(ds, tokenizer, cfg.max_seq_len, cfg.on_long_row, tmp_path / "tokens")
+    init = build_model(base_model_dir, cfg, tmp_path / "init")
+    logged = []
+
+    class Logs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                logged.append((state.global_step, logs["loss"]))
+
+    adapter = train_adapter(cfg, base_model_dir, init / "adapter", tokenized, tmp_path / "adapter", callbacks=[Logs()])
+    history = json.loads((adapter / "history.json").read_text())
+    steps = {e["step"]: e["loss"] for e in history["loss"]}
+    assert [s for s, _ in logged] == [2, 4] and sorted(steps) == [1, 2, 3, 4]
+    assert history["layout"]["logging_steps"] == 2
+    for step, loss in logged:  # the Trainer logs the mean over the steps since its last log
+        assert abs((steps[step - 1] + steps[step]) / 2 - loss) < 1e-3, (steps, logged)
+    assert all(0.5 < v < 15 for v in steps.values()) and len(set(steps.values())) == 4
