@@ -136,9 +136,13 @@ def variant(args) -> None:
                 step(b, False)
             torch.cuda.synchronize()
             wall = time.perf_counter() - t
+        from torch.autograd import DeviceType
+
         avg = prof.key_averages()
-        dev = sum(getattr(e, "self_device_time_total", 0) or 0 for e in avg) / 1e6
-        kernels = sum(e.count for e in avg if (getattr(e, "self_device_time_total", 0) or 0) > 0)
+        # device-side events only (kernels, memcpy): aten ops also carry the device time of their kernels
+        on_device = [e for e in avg if e.device_type == DeviceType.CUDA]
+        dev = sum(e.self_device_time_total for e in on_device) / 1e6
+        kernels = sum(e.count for e in on_device)
         print(f"PROFILE 3 steps: wall {wall:.3f} s, GPU kernel time {dev:.3f} s ({100 * dev / wall:.0f}% busy), "
               f"~{kernels / 3:.0f} device ops a step", flush=True)
         print(avg.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
