@@ -31,14 +31,52 @@ def stable_hash(*parts: Any) -> str:
     return sha256_bytes(blob.encode("utf-8"))
 
 
-def code_version() -> str:
-    """Hash of the ML core's source: a code change invalidates every cached stage."""
+def code_version(*modules: str) -> str:
+    """Hash of the ML core's source. With no arguments, all of `personatune`; with module names (e.g.
+    "personatune.data"), only those modules and every `personatune` module they import, directly or not
+    (`module_closure`): a stage's cache then survives edits to code it never runs."""
     root = Path(__file__).parent
+    names = sorted(module_closure(*modules)) if modules else sorted(p.stem for p in root.glob("*.py"))
     h = hashlib.sha256()
-    for path in sorted(root.glob("*.py")):
+    for name in names:
+        path = root / f"{name}.py"
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def module_closure(*modules: str) -> set[str]:
+    """The `personatune` modules (file stems) that the given modules import, transitively, found by parsing
+    every import statement of their source, those inside functions too. `__init__` (which runs on any import
+    of the package) and what it imports are always included."""
+    import ast
+
+    root = Path(__file__).parent
+    package = root.name
+    todo = ["__init__"] + [m.removeprefix(f"{package}.") for m in modules]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = root / f"{name}.py"
+        if not path.is_file():
+            raise ValueError(f"{package}.{name} is not a module of {root}")
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            found: list[str] = []
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from . import x / from .x import y
+                    base = f"{package}.{base}" if base else package
+                found = [base] + [f"{base}.{a.name}" for a in node.names]
+            for dotted in found:
+                parts = dotted.split(".")
+                if parts[0] == package and len(parts) > 1 and (root / f"{parts[1]}.py").is_file():
+                    todo.append(parts[1])
+    return seen
 
 
 def is_complete(folder: str | Path) -> bool:

@@ -2,7 +2,8 @@
 
 Each stage writes into `<output_dir>/.cache/<stage>/<key>/`, where `key` hashes the stage's inputs: upstream
 folders (themselves content-addressed), the CSV's sha256, the base model's fingerprint, the config fields
-the stage depends on, and the hash of the `personatune` source. The same key is the Prefect cache key, and
+the stage depends on, and the hash of the `personatune` source the stage runs (its entry modules and
+everything they import: an edit to the evaluation code keeps the trained adapter). The same key is the Prefect cache key, and
 the task returns the folder path. A cache entry whose folder is gone (or incomplete) is not trusted: the
 task is run with `refresh_cache=True` and rebuilds it.
 """
@@ -25,8 +26,18 @@ STAGE_FIELDS = {
     "tokenize": ("base_revision", "max_seq_len", "on_long_row"),
     "build_model": MODEL_FIELDS + ("gradient_checkpointing",),
     "train": MODEL_FIELDS + ("epochs", "max_steps", "learning_rate", "warmup_ratio", "micro_batch_size",
-                             "grad_accum", "optim", "packing", "gradient_checkpointing", "profile", "num_gpus"),
+                             "grad_accum", "optim", "packing", "gradient_checkpointing", "profile", "compile",
+                             "num_gpus"),
     "evaluate": MODEL_FIELDS + ("num_samples", "max_new_tokens", "probes_csv"),
+}
+# The ML-core modules each stage runs; their imports are followed (personatune.files.module_closure). The ranks
+# of a multi-GPU run start as `python -m personatune.train_rank`, which no import names: listed here.
+STAGE_MODULES = {
+    "validate": ("personatune.data",),
+    "tokenize": ("personatune.tokenization",),
+    "build_model": ("personatune.model",),
+    "train": ("personatune.train", "personatune.distributed", "personatune.train_rank"),
+    "evaluate": ("personatune.evaluate",),
 }
 NOT_HASHED = ("out_dir", "config")
 
@@ -34,7 +45,7 @@ NOT_HASHED = ("out_dir", "config")
 def stage_key(stage: str, params: dict[str, Any]) -> str:
     inputs = {k: v for k, v in params.items() if k not in NOT_HASHED}
     settings = {f: params["config"][f] for f in STAGE_FIELDS[stage]}
-    return stable_hash(stage, code_version(), inputs, settings)[:24]
+    return stable_hash(stage, code_version(*STAGE_MODULES[stage]), inputs, settings)[:24]
 
 
 def stage_dir(stage: str, params: dict[str, Any]) -> Path:

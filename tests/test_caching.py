@@ -1,0 +1,32 @@
+"""Stage cache keys: each stage hashes the ML-core code it runs (its modules and their imports), not all of it."""
+from __future__ import annotations
+
+from personatune.files import code_version, module_closure
+from tasks.caching import STAGE_FIELDS, STAGE_MODULES, stage_key
+
+
+def test_each_stage_hashes_the_modules_it_runs_and_what_they_import():
+    closure = {stage: module_closure(*mods) for stage, mods in STAGE_MODULES.items()}
+    assert {"__init__", "config", "data", "files"} <= closure["validate"]
+    assert not {"train", "profiles", "evaluate", "model", "tokenization"} & closure["validate"]
+    assert {"tokenization", "prompt", "data"} <= closure["tokenize"] and "train" not in closure["tokenize"]
+    assert {"train", "profiles", "model", "distributed", "train_rank", "tokenization"} <= closure["train"]
+    assert not {"evaluate", "metrics", "hub"} & closure["train"]   # an evaluation edit keeps the trained adapter
+    assert {"evaluate", "metrics", "model"} <= closure["evaluate"]
+    assert "hub" not in set().union(*closure.values())              # publishing is not a cached stage
+
+
+def test_code_version_of_a_subset_differs_from_the_whole_and_is_stable():
+    assert code_version("personatune.data") == code_version("personatune.data")
+    assert code_version("personatune.data") != code_version()
+    assert code_version("personatune.train") != code_version("personatune.evaluate")
+
+
+def test_stage_key_depends_on_the_stages_settings_only():
+    config = {"output_dir": "out", **{f: 1 for fields in STAGE_FIELDS.values() for f in fields}}
+    params = {"config": config, "out_dir": "x", "dataset_dir": "d"}
+    key = stage_key("train", params)
+    assert stage_key("train", {**params, "out_dir": "elsewhere"}) == key
+    assert stage_key("train", {**params, "config": {**config, "compile": 0}}) != key      # a train setting
+    assert stage_key("train", {**params, "config": {**config, "num_samples": 0}}) == key  # an evaluate setting
+    assert stage_key("evaluate", params) != key
