@@ -70,7 +70,9 @@ def cached_stage(stage: str, **task_options: Any) -> Callable:
         def run(stages: dict | None = None, **params: Any) -> str:
             out_dir = stage_dir(stage, params)
             refresh = not is_complete(out_dir)
-            state = prefect_task.with_options(refresh_cache=refresh)(out_dir=str(out_dir), return_state=True, **params)
+            # the run is named after its cache folder (<stage>-<key prefix>), so the UI says where its output is
+            named = prefect_task.with_options(refresh_cache=refresh, task_run_name=f"{stage}-{out_dir.name[:10]}")
+            state = named(out_dir=str(out_dir), return_state=True, **params)
             result = state.result()  # raises the task's exception if it failed
             cached = state.name == "Cached"
             get_run_logger().info("stage %s: %s (%s)", stage, "cached" if cached else "ran", result)

@@ -157,3 +157,23 @@ def test_evaluate_command_takes_an_adapter_folder(first_run, tmp_path):
     flow_ev = json.loads((Path(summary["run_dir"]) / "eval.json").read_text())
     assert ev["eval_loss"] == flow_ev["eval_loss"]  # same adapter, same held-out split, same numbers
     assert ev["probe_prompts"] == 0 and "held-out loss" in proc.stdout
+
+
+def test_task_runs_are_named_after_their_cache_folders(first_run):
+    """In the UI a stage's task run says where its output is: <stage>-<first 10 characters of its cache key>."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    params, summary = first_run
+    cache = Path(params["output_dir"]) / ".cache"
+
+    async def names():
+        async with get_client() as client:
+            return {t.name for t in await client.read_task_runs()}
+
+    seen = asyncio.run(names())
+    for stage in ("validate", "tokenize", "build_model", "train", "evaluate"):
+        folders = [p.name for p in (cache / stage).iterdir() if p.is_dir() and not p.name.startswith(".")
+                   and not p.name.endswith(".checkpoints")]
+        assert folders and any(f"{stage}-{f[:10]}" in seen for f in folders), (stage, folders, sorted(seen)[:20])
