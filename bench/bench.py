@@ -219,6 +219,22 @@ def setup(args) -> None:
     print("SETUP " + json.dumps(out))
 
 
+def bench_env() -> dict:
+    """Environment of the bench's child processes (setup, variants, ranks)."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_setup(work: Path, examples: int, env: dict) -> dict:
+    """`_setup` in its own process (bench data, the 7B-shaped model, the initial adapter); returns its SETUP line.
+    Shared by bench.py, multi_gpu.py and step_profile.py."""
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_setup", "--dir", str(work), "--examples",
+                        str(examples)], env=env, text=True, capture_output=True)
+    if p.returncode:
+        print(p.stdout[-3000:], p.stderr[-6000:])
+        raise SystemExit("setup failed")
+    return json.loads(next(l for l in p.stdout.splitlines() if l.startswith("SETUP "))[6:])
+
+
 # ------------------------------------------------------------------------------------------------ one variant (GPU)
 def variant(args) -> None:
     cfg_over, plan_over, card_gib, _ = VARIANTS[args.name]
@@ -348,15 +364,10 @@ def run(args) -> None:
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
     meta = json.loads((ASSETS / "meta.json").read_text())
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = bench_env()
     me = [sys.executable, str(Path(__file__).resolve())]
     t = time.time()
-    p = subprocess.run(me + ["_setup", "--dir", str(work), "--examples", str(args.examples)], env=env, text=True,
-                       capture_output=True)
-    if p.returncode:
-        print(p.stdout[-3000:], p.stderr[-6000:])
-        raise SystemExit("setup failed")
-    setup_info = json.loads(next(l for l in p.stdout.splitlines() if l.startswith("SETUP "))[6:])
+    setup_info = run_setup(work, args.examples, env)
     print(f"setup {time.time() - t:.0f} s: {json.dumps(setup_info)}", flush=True)
     results = []
     names = args.variants.split(",") if args.variants else DEFAULT_SET

@@ -81,15 +81,10 @@ def _prepare(args):
     assert visible_gpus() >= n, f"need {n} GPUs, see {visible_gpus()}"
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = single.bench_env()
     bench_py = [sys.executable, str(ROOT / "bench" / "bench.py")]
     t = time.time()
-    p = subprocess.run(bench_py + ["_setup", "--dir", str(work), "--examples", str(args.examples)], env=env, text=True,
-                       capture_output=True)
-    if p.returncode:
-        print(p.stdout[-3000:], p.stderr[-6000:])
-        raise SystemExit("setup failed")
-    setup = json.loads(next(l for l in p.stdout.splitlines() if l.startswith("SETUP "))[6:])
+    setup = single.run_setup(work, args.examples, env)
     return n, work, env, bench_py, setup, t
 
 

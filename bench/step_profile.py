@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 GIB = 1024**3
 VARIANTS = ["loop", "compile", "dequant", "compile-dequant", "loop-sync", "bf16stream"]
 
@@ -150,16 +151,14 @@ def variant(args) -> None:
 
 
 def run(args) -> None:
+    import bench
+
     work = Path(args.dir)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = bench.bench_env()
     start = time.time()
     if not (work / "init" / "adapter").exists():
-        p = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "_setup", "--dir", str(work),
-                            "--examples", "800"], env=env, text=True, capture_output=True)
-        print(p.stdout[-1500:], p.stderr[-3000:] if p.returncode else "", flush=True)
-        if p.returncode:
-            raise SystemExit("setup failed")
-        print(f"setup {time.time() - start:.0f} s", flush=True)
+        setup = bench.run_setup(work, 800, env)
+        print(f"setup {time.time() - start:.0f} s: {json.dumps(setup)}", flush=True)
     results = []
     for name in args.variants.split(","):
         left = args.deadline - (time.time() - start)

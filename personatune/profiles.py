@@ -309,7 +309,7 @@ def apply_plan(model, plan: TrainPlan, compute_dtype: torch.dtype) -> None:
         for cfg in {id(c): c for c in (inner.config, getattr(inner.config, "text_config", None)) if c is not None}.values():
             cfg._attn_implementation = VARLEN_ATTENTION
     # Selective checkpointing: the last `checkpoint_layers` decoder layers recompute, the others keep activations.
-    layers = [m for m in inner.modules() if hasattr(m, "gradient_checkpointing") and m.__class__.__name__.endswith("DecoderLayer")]
+    layers = [m for m in decoder_layers(inner) if hasattr(m, "gradient_checkpointing")]
     if plan.checkpoint_layers and layers:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         keep = len(layers) - plan.checkpoint_layers

@@ -97,16 +97,16 @@ class StepLosses:
 
         return RecordingTrainer
 
-    def callback(self, trainer_ref):
+    def callback(self):
         from transformers import TrainerCallback
 
         recorder = self
 
         class Close(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
+            def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
                 if recorder.pending:
                     loss = recorder.pending[0] if len(recorder.pending) == 1 else torch.stack(recorder.pending).sum()
-                    scheduler = trainer_ref().lr_scheduler
+                    scheduler = lr_scheduler
                     lr = scheduler.get_last_lr()[0] if scheduler is not None else None
                     recorder.steps.append((state.global_step, state.epoch, lr, loss))
                     recorder.pending = []
@@ -184,7 +184,7 @@ def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, 
     trainer = recorder.trainer_class()(
         model=model, args=args, train_dataset=data["train"],
         data_collator=collator(tok, cfg.packing, varlen=plan.attention == "varlen"),
-        processing_class=tok, callbacks=list(callbacks or []) + [recorder.callback(lambda: trainer)])
+        processing_class=tok, callbacks=list(callbacks or []) + [recorder.callback()])
     resume = last_checkpoint(checkpoints)
     try:
         result = trainer.train(resume_from_checkpoint=resume)

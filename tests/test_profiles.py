@@ -94,12 +94,7 @@ def test_gpu_plan_model_gives_the_padded_loss_in_fp32(base_model_dir, tokenizer)
     """apply_plan (lean head + chunked loss; varlen falls back to SDPA on CPU) on packed rows == stock padded loss."""
     from tests.test_packing import features
 
-    cfg = FinetuneConfig(compute_dtype="fp32", lora_dropout=0.0)
-    model = load_qlora_model(base_model_dir, cfg, trainable=False)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    model = _lora_model(base_model_dir, trainable=False)
     feats = features(tokenizer)
     with torch.no_grad():
         model.eval()
@@ -137,13 +132,19 @@ def _loss_and_lora_grads(model, batch):
     return loss.detach(), grads
 
 
-def _trainable_model(base_model_dir):
+def _lora_model(base_model_dir, trainable: bool):
+    """The embedded model in fp32 with non-zero LoRA B (a fresh adapter is an exact no-op), no dropout."""
     cfg = FinetuneConfig(compute_dtype="fp32", lora_dropout=0.0)
-    model = load_qlora_model(base_model_dir, cfg, trainable=True)
+    model = load_qlora_model(base_model_dir, cfg, trainable=trainable)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
+    return model
+
+
+def _trainable_model(base_model_dir):
+    model = _lora_model(base_model_dir, trainable=True)
     model.train()
     return model
 
@@ -226,3 +227,4 @@ def test_logging_every_few_steps_still_records_every_step_loss(tmp_path, base_mo
     for step, loss in logged:  # the Trainer logs the mean over the steps since its last log
         assert abs((steps[step - 1] + steps[step]) / 2 - loss) < 1e-3, (steps, logged)
     assert all(0.5 < v < 15 for v in steps.values()) and len(set(steps.values())) == 4
+    assert all(e["learning_rate"] is not None and e["epoch"] > 0 for e in history["loss"])
