@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples.")
     p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass when sampling (default: 1.0).")
     p.add_argument("--max-new-tokens", type=int, default=96, help="Reply length limit in tokens (default: 96).")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="Override the bundle's generation_config.json (the decoding its evaluation measured).")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="Override the bundle's generation_config.json.")
     p.add_argument("--seed", type=int, default=0, help="Sampling seed (default: 0).")
     p.add_argument("--compare", action="store_true", help="Also answer with the base model (adapter disabled), side by side.")
     return p.parse_args(argv)
@@ -51,14 +54,30 @@ def reply_streamer(tok):
     return ReplyStreamer(tok, skip_prompt=True, skip_special_tokens=True)
 
 
-def answer(model, tok, args, user: str, stream: bool) -> dict:
+def decoding_for(args, adapter_dir):
+    """The adapter's own decoding (generation_config.json: repetition controls its evaluation used), with the
+    reply limit and any override from the command line."""
+    import dataclasses
+
+    from personatune.decoding import load_decoding
+
+    stored = load_decoding(adapter_dir)
+    changes = {"max_new_tokens": args.max_new_tokens}
+    if args.repetition_penalty is not None:
+        changes["repetition_penalty"] = args.repetition_penalty
+    if args.no_repeat_ngram_size is not None:
+        changes["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+    return dataclasses.replace(stored, **changes)
+
+
+def answer(model, tok, args, user: str, stream: bool, decoding=None) -> dict:
     import torch
 
     from personatune.evaluate import generate_reply
 
     torch.manual_seed(args.seed)
     streamer = reply_streamer(tok) if stream else None
-    return generate_reply(model, tok, args.instruction, user, args.max_new_tokens, do_sample=args.temperature > 0,
+    return generate_reply(model, tok, args.instruction, user, decoding, do_sample=args.temperature > 0,
                           temperature=args.temperature or 1.0, top_p=args.top_p, streamer=streamer)
 
 
@@ -74,13 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"chat: {e}", file=sys.stderr)
         return 2
-    print(f"[adapter: {adapter_dir}]", file=sys.stderr)
+    decoding = decoding_for(args, adapter_dir)
+    print(f"[adapter: {adapter_dir}; decoding: {decoding.to_dict()}]", file=sys.stderr)
 
     def respond(user: str, stream: bool) -> None:
-        tuned = answer(model, tok, args, user, stream=stream and not args.compare)
+        tuned = answer(model, tok, args, user, stream=stream and not args.compare, decoding=decoding)
         if args.compare:
             with model.disable_adapter():
-                base = answer(model, tok, args, user, stream=False)
+                base = answer(model, tok, args, user, stream=False, decoding=decoding)
             print(f"tuned: {tuned['reply']}\nbase:  {base['reply']}")
         elif not stream:
             print(tuned["reply"])

@@ -3,8 +3,9 @@
     python -m flows.evaluate                                   # outputs/latest on data/quotes.csv + probes
     python -m flows.evaluate --adapter you/wednesday-adapter --revision main --out eval-hub/
 
-Same metrics as the flow's evaluate stage (held-out loss base vs tuned, persona similarity, run-on rate,
-length, distinct-n): eval.json, report.md and eval_plot.png in `--out`.
+Same metrics as the flow's evaluate stage (golden loss, persona similarity, unseen-topic probes, loop and run-on
+rates, held-out loss of the CSV; base vs this adapter, and a champion with --champion): eval.json, report.md,
+eval_plot.png and generation_config.json in `--out`. Decoding: the adapter's generation_config.json.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     add_adapter_arguments(p)
     p.add_argument("--quotes-csv", default="data/quotes.csv", help="CSV whose held-out split is evaluated.")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="Held-out share, as in training (default: 0.1).")
-    p.add_argument("--probes-csv", default="data/probes.csv", help="Probe prompts (empty to skip).")
+    p.add_argument("--golden-csv", default="data/golden.csv", help="Golden evaluation rows (empty to skip).")
+    p.add_argument("--probes-csv", default="data/probes.csv", help="Unseen-topic probes (empty to skip).")
+    p.add_argument("--champion", help="Also evaluate this adapter folder as the champion (three columns).")
     p.add_argument("--max-new-tokens", type=int, default=64, help="Generation limit (default: 64).")
     p.add_argument("--out", default="eval", help="Folder for eval.json, report.md, eval_plot.png (default: eval).")
     args = p.parse_args(argv)
@@ -31,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from personatune.config import FinetuneConfig
     from personatune.data import DataValidationError, build_dataset
-    from personatune.evaluate import evaluate_adapter
+    from personatune.decoding import load_decoding
+    from personatune.evaluate import evaluate_adapter, score_adapter
     from personatune.inference import base_model_of, locate_adapter
     from personatune.model import BaseModelError, resolve_base_model
     from personatune.tokenization import load_tokenizer, tokenize_dataset
@@ -42,14 +46,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         adapter_dir = locate_adapter(args.adapter, args.revision, args.outputs)
+        decoding = load_decoding(adapter_dir)  # the adapter's own decoding (generation_config.json)
         cfg = FinetuneConfig(base_model=args.base_model or base_model_of(adapter_dir), quotes_csv=args.quotes_csv,
-                             eval_fraction=args.eval_fraction, probes_csv=args.probes_csv, max_new_tokens=args.max_new_tokens)
+                             eval_fraction=args.eval_fraction, golden_csv=args.golden_csv, probes_csv=args.probes_csv,
+                             max_new_tokens=args.max_new_tokens, repetition_penalty=decoding.repetition_penalty,
+                             no_repeat_ngram_size=decoding.no_repeat_ngram_size)
         resolved = resolve_base_model(cfg.base_model)
         with tempfile.TemporaryDirectory() as work:
             dataset = build_dataset(cfg.quotes_csv, cfg.eval_fraction, Path(work) / "dataset")
             tokens = tokenize_dataset(dataset, load_tokenizer(resolved, cfg.base_revision), cfg.max_seq_len,
                                       cfg.on_long_row, Path(work) / "tokens", quotes_csv=cfg.quotes_csv)
-            out = evaluate_adapter(cfg, resolved, adapter_dir, tokens, dataset, args.out)
+            roles = {"base": None, "challenger": adapter_dir, **({"champion": args.champion} if args.champion else {})}
+            scores = {role: score_adapter(cfg, resolved, path, Path(work) / f"scores-{role}") for role, path in roles.items()}
+            out = evaluate_adapter(cfg, resolved, adapter_dir, tokens, dataset, scores, args.out,
+                                   champion_dir=args.champion)
     except (FileNotFoundError, DataValidationError, BaseModelError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

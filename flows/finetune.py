@@ -1,4 +1,7 @@
-"""The fine-tune flow: validate -> tokenize -> build model -> train -> evaluate -> publish.
+"""The fine-tune flow: validate -> tokenize -> build model -> train -> evaluate -> release -> publish.
+
+The new adapter (challenger) goes live only if it is not worse than the live one (champion) on fixed evaluation
+sets; either way its complete bundle is kept (README, "Releases: champion, challenger, rollback").
 
     python -m flows.finetune                        # embedded SmolLM2-135M, CPU-friendly defaults
     python -m flows.finetune --base-model meta-llama/Llama-2-7b-hf --config my.yaml
@@ -26,9 +29,10 @@ from personatune.bundle import default_run_name
 from personatune.config import FinetuneConfig, add_config_arguments, check_paths, config_from_args, from_mapping
 from personatune.files import code_version, sha256_file
 from tasks.data import tokenize_quotes, validate_quotes
-from tasks.evaluate import evaluate_lora
+from tasks.evaluate import adapter_sha256, evaluate_lora, score_model
 from tasks.model import build_qlora_model, resolve_base
 from tasks.publish import publish_bundle, push_to_hub
+from tasks.release import find_champion, judge_challenger, release_bundle
 from tasks.train import train_lora
 
 
@@ -42,23 +46,36 @@ def finetune(**params) -> dict:
     base = resolve_base(cfg.base_model, cfg.base_revision)
     model = {"base_model": base["path"], "model_fingerprint": base["fingerprint"]}
     csv_sha256 = file_sha256(cfg.quotes_csv)
+    champion = find_champion(config)  # the live adapter: outputs/latest, else the Hub repo's main; None at first
 
-    # 1. data -> 2. tokens -> 3. QLoRA model -> 4. training -> 5. evaluation -> publish
+    # 1. data -> 2. tokens -> 3. QLoRA model -> 4. training -> 5. evaluation (base, champion, challenger) -> release
     dataset_dir = validate_quotes(stages, config=config, quotes_csv=cfg.quotes_csv, csv_sha256=csv_sha256)
     tokenized_dir = tokenize_quotes(stages, config=config, dataset_dir=dataset_dir, **model)
     model_dir = build_qlora_model(stages, config=config, **model)
     adapter_dir = train_lora(stages, config=config, init_adapter=model_dir, tokenized_dir=tokenized_dir, **model)
+    if champion and adapter_sha256(champion) == adapter_sha256(adapter_dir):
+        champion_scored = None  # a re-run that trained the champion's own adapter: judged as it was (all cached)
+    else:
+        champion_scored = champion
+    eval_sets = {"golden": file_sha256(cfg.golden_csv), "probes": file_sha256(cfg.probes_csv)}
+    scores = {role: score_model(stages if role == "challenger" else None, config=config, adapter_dir=path,
+                                adapter_sha256=adapter_sha256(path), eval_sha256=eval_sets, **model)
+              for role, path in (("base", None), ("champion", champion_scored), ("challenger", adapter_dir))
+              if role == "base" or path}
     eval_dir = evaluate_lora(stages, config=config, adapter_dir=adapter_dir, tokenized_dir=tokenized_dir,
-                             dataset_dir=dataset_dir, probes_sha256=file_sha256(cfg.probes_csv), **model)
+                             dataset_dir=dataset_dir, scores=scores, champion_dir=champion_scored, **model)
+    release = judge_challenger(config, eval_dir, dataset_dir, champion)
     provenance = {"data_sha256": csv_sha256, "base_model_fingerprint": base["fingerprint"],
-                  "code_version": code_version(), "stages": stages,
+                  "code_version": code_version(), "stages": stages, "eval_sets_sha256": eval_sets,
                   "stage_dirs": {"dataset": dataset_dir, "tokenized": tokenized_dir, "model": model_dir,
-                                 "adapter": adapter_dir, "eval": eval_dir}}
-    run_dir = publish_bundle(config, cfg.run_name or default_run_name(csv_sha256), adapter_dir, eval_dir, provenance)
-    hub = push_to_hub(config, run_dir)  # gate, then one commit to --hub-repo; without a repo: stays local
+                                 "adapter": adapter_dir, "eval": eval_dir, "scores": scores}}
+    run_dir = publish_bundle(config, cfg.run_name or default_run_name(csv_sha256), adapter_dir, eval_dir, provenance,
+                             release)
+    release_bundle(config, run_dir, release)  # outputs/latest moves only if promoted; event; releases.json
+    hub = push_to_hub(config, run_dir, release["verdict"]["promoted"])  # release/<run>; main only if promoted
 
-    summary = {"run_dir": run_dir, "hub": hub, "stages": stages,
-               **json.loads((Path(eval_dir) / "eval.json").read_text())}
+    summary = {"run_dir": run_dir, "hub": hub, "stages": stages, "verdict": release["verdict"],
+               "diff": release["diff"], **json.loads((Path(eval_dir) / "eval.json").read_text())}
     log.info("\n%s", format_summary(summary))
     return summary
 
@@ -68,22 +85,34 @@ def file_sha256(path: str) -> str:
 
 
 def format_summary(summary: dict) -> str:
-    el, tl = summary["eval_loss"], summary["train_loss"]
+    m = summary["metrics"]
+    roles = [r for r in ("base", "champion", "challenger") if r in m]
+
+    def three(key: str, fmt: str) -> str:
+        return " -> ".join(f"{r} {'n/a' if m[r].get(key) is None else fmt.format(m[r][key])}" for r in roles)
+
+    probes = m["challenger"].get("probes", {})
     lines = [
-        f"Adapter bundle: {summary['run_dir']}",
+        f"Verdict: {summary['verdict']['reason']}",
+        f"Adapter bundle: {summary['run_dir']}" + ("" if summary["verdict"]["promoted"] else " (not live)"),
         f"Hub: {summary['hub']['message'] if summary.get('hub') else 'not pushed'}",
         "Stages: " + ", ".join(f"{k} {v}" for k, v in summary["stages"].items()),
-        f"Held-out loss: base {el['base']:.4f} -> tuned {el['tuned']:.4f}",
-        f"Train loss:    base {tl['base']:.4f} -> tuned {tl['tuned']:.4f}",
-        ("Persona similarity (held-out): base {:.3f} -> tuned {:.3f}; ".format(
-            summary["persona"]["base"]["similarity_heldout"], summary["persona"]["tuned"]["similarity_heldout"])
-         if summary["persona"]["base"]["similarity_heldout"] is not None else "Persona similarity: skipped; ")
-        + "run-on rate base {:.0%} -> tuned {:.0%}".format(
-            summary["persona"]["base"]["run_on_rate"], summary["persona"]["tuned"]["run_on_rate"]),
+        f"Golden loss:        {three('golden_loss', '{:.4f}')}",
+        f"Persona similarity: {three('persona_similarity', '{:.3f}')}",
+        f"Unseen-topic probes: beats base {_pct(probes.get('wins_vs_base'))}, loop rate {_pct(probes.get('loop_rate'))}, "
+        f"distinct-2 {probes.get('distinct_2', 0):.2f}; run-on rate (all) {m['challenger']['run_on_rate']:.0%}",
+        f"Held-out loss (this CSV): {three('heldout_loss', '{:.4f}')}",
     ]
+    if summary.get("diff"):
+        d = summary["diff"]
+        lines.append(f"Data since the champion: {d['added']} added, {d['removed']} removed, {d['edited']} edited")
     for s in summary["samples"]:
         lines.append(f"  User: {s['user']}\n  Reply: {s['tuned']}")
     return "\n".join(lines)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def _flow_signature() -> tuple[inspect.Signature, str]:

@@ -8,9 +8,9 @@ Deployed from prefect.yaml as `watch-quotes/every-5-minutes` (interval schedule,
 `quotes_csv` and `output_dir` taken from the event payload.
 
 What counts as "changed":
-- The last successfully trained data is the `data_sha256` of the bundle `<output_dir>/latest` points at
-  (written by the fine-tune flow's publish step; `latest` only ever names a complete bundle). A failed run
-  publishes nothing, so it never moves this hash.
+- The last trained data is the `data_sha256` of the newest run in `<output_dir>/releases.json`, promoted or
+  rejected by the release gate (a rejected edit is not retrained every interval; editing the CSV again is), else
+  that of the bundle `<output_dir>/latest` points at. A failed run records nothing, so it never moves this hash.
 - The CSV's sha256 equal to it: unchanged, nothing is emitted.
 - Otherwise the event is emitted once per content: the hash is remembered in the Prefect Variable
   `personatune_quotes_emitted` (a mapping `{absolute csv path: sha256}`), so a run still queued or
@@ -44,7 +44,15 @@ EMITTED_VARIABLE = "personatune_quotes_emitted"
 
 
 def trained_sha256(output_dir: str | Path) -> str | None:
-    """`data_sha256` of the newest complete bundle (`<output_dir>/latest`), or None if there is none."""
+    """The data of the newest judged run (`<output_dir>/releases.json`, promoted or rejected: a rejected CSV was
+    trained on and must not be retrained every interval), else of `<output_dir>/latest`, or None."""
+    from personatune.release import last_trained_data
+
+    try:
+        if (judged := last_trained_data(output_dir)) is not None:
+            return judged
+    except (OSError, ValueError, KeyError):
+        pass
     latest = Path(output_dir) / "latest"
     try:
         if not (latest / COMPLETE_MARKER).is_file():

@@ -24,8 +24,12 @@ def default_run_name(data_hash: str) -> str:
 
 
 def write_bundle(cfg: FinetuneConfig, run_name: str, adapter_dir: str | Path, eval_dir: str | Path,
-                 provenance: dict) -> Path:
-    """Copy adapter, tokenizer, eval and the resolved config into outputs/<run_name>/; point latest at it."""
+                 provenance: dict, release: dict | None = None, rows: list[dict] | None = None) -> Path:
+    """Copy adapter, tokenizer, eval, decoding and the resolved config into outputs/<run_name>/.
+
+    `release` (the verdict and the data diff against the champion) goes into release.json and the report; `rows`
+    (what the run trained on) into data_rows.json, so a later run can say what changed. Whether `latest` moves
+    to this bundle is the release step's decision (personatune.release), not this function's."""
     outputs = Path(cfg.output_dir)
     run_dir = outputs / run_name
     if is_complete(run_dir):
@@ -34,14 +38,44 @@ def write_bundle(cfg: FinetuneConfig, run_name: str, adapter_dir: str | Path, ev
         for name in (*ADAPTER_FILES, *TOKENIZER_FILES):
             if (Path(adapter_dir) / name).is_file():
                 shutil.copy2(Path(adapter_dir) / name, tmp / name)
-        for name in ("eval.json", "report.md"):
-            shutil.copy2(Path(eval_dir) / name, tmp / name)
+        shutil.copy2(Path(eval_dir) / "eval.json", tmp / "eval.json")
+        if (Path(eval_dir) / "generation_config.json").is_file():  # written by every evaluation since it exists
+            shutil.copy2(Path(eval_dir) / "generation_config.json", tmp / "generation_config.json")
+        report = (Path(eval_dir) / "report.md").read_text()
+        if release is not None:
+            (tmp / "release.json").write_text(json.dumps(release, indent=2) + "\n")
+            report += "\n" + render_release(release)
+        (tmp / "report.md").write_text(report)
+        if rows is not None:
+            (tmp / "data_rows.json").write_text(json.dumps(rows, indent=1) + "\n")
         for extra in Path(eval_dir).glob("*.png"):
             shutil.copy2(extra, tmp / extra.name)
         (tmp / "training_config.json").write_text(
             json.dumps({"config": cfg.to_dict(), **provenance}, indent=2, sort_keys=True) + "\n")
-    point_latest(outputs, run_name)
     return run_dir
+
+
+def render_release(release: dict) -> str:
+    """The report's release section: the verdict with its checks, and what changed in the data."""
+    v = release["verdict"]
+    lines = ["## Release verdict", "", f"**{'Promoted' if v['promoted'] else 'Rejected'}**: {v['reason']}", "",
+             "| check | challenger | " + v["against"] + " | limit | passed |", "|---|---|---|---|---|"]
+    for c in v["checks"]:
+        fmt = "{:.1%}" if c["metric"] == "run_on_rate" else "{:.4f}"
+        lines.append(f"| {c['metric']} | {fmt.format(c['challenger'])} | {fmt.format(c['reference'])} | "
+                     f"{fmt.format(c['limit'])} | {'yes' if c['passed'] else 'no'} |")
+    diff = release.get("diff")
+    lines += ["", "## Data changes since the champion", ""]
+    if not diff:
+        lines.append("No champion yet: nothing to compare with.")
+        return "\n".join(lines) + "\n"
+    lines.append(f"{diff['added']} rows added, {diff['removed']} removed, {diff['edited']} edited, "
+                 f"{diff['unchanged']} unchanged (rows matched by instruction + user).")
+    for kind in ("added", "removed", "edited"):
+        for row in diff["samples"][kind]:
+            text = (f"{row['before']!r} -> {row['after']!r}" if kind == "edited" else repr(row["response"]))
+            lines.append(f"- {kind}: *{row['user']}*: {text}")
+    return "\n".join(lines) + "\n"
 
 
 def point_latest(outputs: Path, run_name: str) -> None:

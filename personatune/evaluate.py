@@ -16,7 +16,8 @@ import torch
 
 from personatune.config import FinetuneConfig
 from personatune.files import atomic_dir, is_complete
-from personatune.metrics import centroid_similarity, paired_similarity, reply_stats
+from personatune.decoding import Decoding, generation_config
+from personatune.metrics import loops, paired_similarity, reply_stats
 from personatune.prompt import STOP_STRINGS, cut_reply, format_prompt
 from personatune.tokenization import IGNORE_INDEX, load_tokenized, load_tokenizer
 from personatune.train import collator
@@ -46,18 +47,19 @@ def mean_loss(model, dataset, tok, batch_size: int = 16) -> float:
 
 
 @torch.no_grad()
-def generate_replies(model, tok, prompts: list[tuple[str, str]], max_new_tokens: int = 64, stop_markers: bool = True,
+def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decoding = Decoding(), stop_markers: bool = True,
                      do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, streamer=None,
                      batch_size: int = GENERATION_BATCH) -> list[dict]:
-    """Replies to (instruction, user) prompts, batched with left padding.
+    """Replies to (instruction, user) prompts, batched with left padding, decoded with `decoding` (its token limit
+    and repetition controls).
 
     Each result says why generation ended: `eos`, `marker` (the `###` stop string) or `length`. With
     stop_markers=False only EOS stops generation (the seed's behaviour).
     """
     model.eval()
     device = next(model.parameters()).device
-    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                  do_sample=do_sample, use_cache=True, streamer=streamer)
+    kwargs = dict(max_new_tokens=decoding.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                  do_sample=do_sample, use_cache=True, streamer=streamer, **decoding.generate_kwargs())
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     if stop_markers:
@@ -91,24 +93,98 @@ def _describe(tok, instruction: str, user: str, new_tokens: list[int]) -> dict:
             "new_tokens": end + (end < len(new_tokens)), "ended_by": ended_by}
 
 
-def generate_reply(model, tok, instruction: str, user: str, max_new_tokens: int = 64, **kwargs) -> dict:
-    return generate_replies(model, tok, [(instruction, user)], max_new_tokens, **kwargs)[0]
+def generate_reply(model, tok, instruction: str, user: str, decoding: Decoding = Decoding(), **kwargs) -> dict:
+    return generate_replies(model, tok, [(instruction, user)], decoding, **kwargs)[0]
 
 
-def load_probes(path: str | Path) -> list[tuple[str, str]]:
-    import pandas as pd
+EVAL_SETS = ("golden", "probes")  # the fixed yardstick (data/golden.csv) and the unseen-topic prompts (data/probes.csv)
+EOS_ONLY_PROMPTS = 32  # the seed's EOS-only stopping is shown on one generation batch of golden prompts
+
+
+def load_eval_rows(path: str | Path) -> list[dict]:
+    """instruction, user, response (the reference reply) of an evaluation CSV, validated like the quotes."""
+    from personatune.data import load_quotes
 
     if not path:
         return []
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    return list(zip(df["instruction"], df["user"]))
+    df = load_quotes(path)
+    return [{"instruction": i, "user": u, "reference": r} for i, u, r in zip(df["instruction"], df["user"], df["response"])]
+
+
+def eval_sets(cfg: FinetuneConfig) -> dict[str, list[dict]]:
+    return {"golden": load_eval_rows(cfg.golden_csv), "probes": load_eval_rows(cfg.probes_csv)}
+
+
+@torch.no_grad()
+def reference_loss(model, tok, rows: list[dict]) -> float | None:
+    """Mean loss per token of the reference replies (and their EOS), the prompt masked: how likely the model finds
+    what she would have said. Unlike the CSV's held-out split, an edit to quotes.csv cannot move it."""
+    from personatune.tokenization import encode_example
+
+    if not rows:
+        return None
+    encoded = [encode_example(tok, r["instruction"], r["user"], r["reference"]) for r in rows]
+    data = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels} for ids, labels in encoded]
+    return mean_loss(model, data, tok)
+
+
+def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, similarity: bool = True) -> dict:
+    """Loss on the references, replies, and reply metrics of one model on each evaluation set."""
+    scores: dict = {"decoding": decoding.to_dict(), "sets": {}}
+    all_sims, all_gens = [], []
+    for name, rows in sets.items():
+        if not rows:
+            continue
+        gens = generate_replies(model, tok, [(r["instruction"], r["user"]) for r in rows], decoding=decoding)
+        sims = paired_similarity([g["reply"] for g in gens], [r["reference"] for r in rows]) if similarity else [None] * len(rows)
+        scores["sets"][name] = {
+            "loss": reference_loss(model, tok, rows),
+            "similarity": _mean(sims) if similarity else None,
+            **reply_stats(gens),
+            "replies": [{"user": r["user"], "reply": g["reply"], "ended_by": g["ended_by"], "loops": loops(g),
+                         "similarity": s} for r, g, s in zip(rows, gens, sims)],
+        }
+        all_sims += sims
+        all_gens += gens
+    overall = reply_stats(all_gens)
+    scores.update(persona_similarity=_mean(all_sims) if similarity and all_sims else None,
+                  golden_loss=scores["sets"].get("golden", {}).get("loss"),
+                  run_on_rate=overall["run_on_rate"], loop_rate=overall["loop_rate"], distinct_2=overall["distinct_2"])
+    return scores
+
+
+def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | None, out_dir: str | Path) -> Path:
+    """scores.json of the base (adapter_dir None) or of an adapter on the fixed evaluation sets."""
+    from personatune.model import dequantize_frozen_base, load_base_model, load_qlora_model
+
+    out_dir = Path(out_dir)
+    if is_complete(out_dir):
+        return out_dir
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer(resolved, cfg.base_revision)
+    model = (load_qlora_model(resolved, cfg, adapter_dir=str(adapter_dir), trainable=False) if adapter_dir
+             else load_base_model(resolved, cfg))
+    if not torch.cuda.is_available():
+        dequantize_frozen_base(model)  # same logits, ~3x faster generation on a CPU
+    scores = score_model(model, tok, eval_sets(cfg), Decoding.from_config(cfg), cfg.persona_similarity)
+    scores["adapter"] = str(adapter_dir) if adapter_dir else None
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    return out_dir
+
+
+def load_scores(scores_dir: str | Path | None) -> dict | None:
+    return json.loads((Path(scores_dir) / "scores.json").read_text()) if scores_dir else None
 
 
 def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path, tokenized_dir: str | Path,
-                     dataset_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write eval.json, report.md and eval_plot.png to `out_dir`."""
-    from datasets import load_from_disk
+                     dataset_dir: str | Path, scores: dict[str, str | Path | None], out_dir: str | Path,
+                     champion_dir: str | Path | None = None) -> Path:
+    """eval.json, report.md and eval_plot.png: base, champion (when there is one) and challenger side by side.
 
+    `scores` maps each role to its score_adapter folder (fixed evaluation sets); here the current CSV's held-out
+    split and a training sample add their losses, an informational number (an edit to the CSV moves them).
+    """
     from personatune.model import dequantize_frozen_base, load_qlora_model
 
     out_dir = Path(out_dir)
@@ -118,59 +194,71 @@ def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path
     tok = load_tokenizer(resolved, cfg.base_revision)
     data = load_tokenized(tokenized_dir)
     model = load_qlora_model(resolved, cfg, adapter_dir=str(adapter_dir), trainable=False)
+    if champion_dir:
+        model.load_adapter(str(champion_dir), adapter_name="champion")
     if not torch.cuda.is_available():
         dequantize_frozen_base(model)  # same logits, ~3x faster generation on a CPU
 
-    # Train loss on a fixed sample keeps evaluation fast on a CPU; the held-out split is used whole.
     splits = {"eval": data["eval"], "train": data["train"].select(range(min(TRAIN_LOSS_ROWS, len(data["train"]))))}
-    losses = {}
+    losses: dict = {"eval": {}, "train": {}}
     for split, rows in splits.items():
         with model.disable_adapter():
-            base = mean_loss(model, rows, tok)
-        losses[split] = {"base": base, "tuned": mean_loss(model, rows, tok)}
+            losses[split]["base"] = mean_loss(model, rows, tok)
+        losses[split]["tuned"] = mean_loss(model, rows, tok)
+    if champion_dir:
+        model.set_adapter("champion")
+        losses["eval"]["champion"] = mean_loss(model, splits["eval"], tok)
+        model.set_adapter("default")
+    golden = eval_sets(cfg)["golden"][:EOS_ONLY_PROMPTS]
+    eos_only = generate_replies(model, tok, [(r["instruction"], r["user"]) for r in golden],
+                                decoding=Decoding.from_config(cfg), stop_markers=False)
 
-    text = load_from_disk(str(dataset_dir))
-    held_out = list(zip(text["eval"]["instruction"], text["eval"]["user"]))
-    references = list(text["eval"]["response"])
-    probes = load_probes(cfg.probes_csv)
-    generations = {"tuned": generate_replies(model, tok, held_out + probes, cfg.max_new_tokens)}
-    with model.disable_adapter():
-        generations["base"] = generate_replies(model, tok, held_out + probes, cfg.max_new_tokens)
-    eos_only = generate_replies(model, tok, held_out + probes, cfg.max_new_tokens, stop_markers=False)
-
-    persona = {}
-    sim = cfg.persona_similarity  # off: no embedding model is loaded, the metric is reported as skipped
-    for name, gens in generations.items():
-        held, probe = gens[:len(held_out)], gens[len(held_out):]
-        persona[name] = {
-            "similarity_heldout": _mean(paired_similarity([g["reply"] for g in held], references)) if sim else None,
-            "similarity_probes": _mean(centroid_similarity([g["reply"] for g in probe], list(text["train"]["response"])))
-            if probe and sim else None,
-            **reply_stats(gens),
-        }
+    cards = {role: load_scores(path) for role, path in scores.items() if path}
+    metrics = {role: _metrics(card, cards["base"]) for role, card in cards.items()}
+    metrics["base"]["heldout_loss"], metrics["challenger"]["heldout_loss"] = losses["eval"]["base"], losses["eval"]["tuned"]
+    if "champion" in metrics:
+        metrics["champion"]["heldout_loss"] = losses["eval"].get("champion")
+    challenger, base = cards["challenger"], cards["base"]
+    probes = challenger["sets"].get("probes", {"replies": []})["replies"]
+    base_probes = base["sets"].get("probes", {"replies": []})["replies"]
+    champion_probes = cards["champion"]["sets"].get("probes", {"replies": []})["replies"] if "champion" in cards else []
+    references = {r["user"]: r["reference"] for r in eval_sets(cfg)["probes"]}
     result = {
-        "eval_loss": {"base": losses["eval"]["base"], "tuned": losses["eval"]["tuned"]},
-        "train_loss": {"base": losses["train"]["base"], "tuned": losses["train"]["tuned"]},
+        "metrics": metrics,
+        "eval_loss": losses["eval"],
+        "train_loss": losses["train"],
         "eval_perplexity": {k: math.exp(v) for k, v in losses["eval"].items()},
         "eval_rows": len(data["eval"]),
         "train_rows": len(splits["train"]),
+        "golden_rows": len(challenger["sets"].get("golden", {"replies": []})["replies"]),
         "probe_prompts": len(probes),
-        "persona": persona,
-        "run_on_rate_eos_only": reply_stats(eos_only)["run_on_rate"],
+        "decoding": Decoding.from_config(cfg).to_dict(),
+        "run_on_rate_eos_only": reply_stats(eos_only)["run_on_rate"] if eos_only else None,
         "training": _training_summary(Path(adapter_dir) / "history.json"),
-        "samples": [
-            {"instruction": i, "user": u, "reference": ref, "tuned": t["reply"], "tuned_ended_by": t["ended_by"],
-             "base": b["reply"], "base_ended_by": b["ended_by"]}
-            for (i, u), ref, t, b in list(zip(held_out, references, generations["tuned"], generations["base"]))[:cfg.num_samples]
-        ],
-        "probe_replies": [{"user": u, "tuned": t["reply"], "base": b["reply"]}
-                          for (_, u), t, b in zip(probes, generations["tuned"][len(held_out):], generations["base"][len(held_out):])],
+        "samples": [{"user": c["user"], "reference": references.get(c["user"]), "tuned": c["reply"],
+                     "tuned_ended_by": c["ended_by"], "base": b["reply"], "base_ended_by": b["ended_by"],
+                     "champion": ch["reply"] if ch else None}
+                    for c, b, ch in zip(probes, base_probes, champion_probes or [None] * len(probes))][:cfg.num_samples],
+        "probe_replies": [{"user": c["user"], "tuned": c["reply"], "base": b["reply"]} for c, b in zip(probes, base_probes)],
     }
     with atomic_dir(out_dir) as tmp:
         (tmp / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         plot_eval(result, Path(adapter_dir) / "history.json", tmp / "eval_plot.png")
         (tmp / "report.md").write_text(render_report(result, cfg))
+        generation_config(tok, Decoding.from_config(cfg)).save_pretrained(tmp)  # what every consumer decodes with
     return out_dir
+
+
+def _metrics(card: dict, base: dict) -> dict:
+    """The numbers of one model that the report shows and the release gate compares."""
+    out = {k: card[k] for k in ("golden_loss", "persona_similarity", "run_on_rate", "loop_rate", "distinct_2")}
+    for name, s in card["sets"].items():
+        mine, theirs = s["replies"], base["sets"][name]["replies"]
+        wins = ([a["similarity"] > b["similarity"] for a, b in zip(mine, theirs)]
+                if mine and mine[0]["similarity"] is not None else [])
+        out[name] = {k: s[k] for k in ("loss", "similarity", "loop_rate", "run_on_rate", "distinct_2", "mean_words")}
+        out[name]["wins_vs_base"] = sum(wins) / len(wins) if wins else None
+    return out
 
 
 def _mean(values: list[float]) -> float:
@@ -179,77 +267,107 @@ def _mean(values: list[float]) -> float:
 
 def _training_summary(history_path: Path) -> dict:
     if not history_path.is_file():  # an adapter from elsewhere (the Hub) may come without its history
-        return {"steps": None, "first_loss": None, "last_loss": None, "resumed_from": None}
+        return {"steps": None, "first_loss": None, "last_loss": None, "resumed_from": None, "best_step": None}
     history = json.loads(history_path.read_text())
     losses = history["loss"]
     return {"steps": history["global_step"], "first_loss": losses[0]["loss"] if losses else None,
-            "last_loss": losses[-1]["loss"] if losses else None, "resumed_from": history.get("resumed_from")}
+            "last_loss": losses[-1]["loss"] if losses else None, "resumed_from": history.get("resumed_from"),
+            "best_step": history.get("best_step"), "best_eval_loss": history.get("best_eval_loss")}
+
+
+ROLES = ("base", "champion", "challenger")
 
 
 def plot_eval(result: dict, history_path: Path, png: Path) -> None:
+    """Left: training loss and the held-out loss measured during training. Right: base, champion, challenger."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = json.loads(history_path.read_text())["loss"] if history_path.is_file() else []
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot([h["step"] for h in history], [h["loss"] for h in history], color="black")
-    ax1.set(title="training loss (response tokens)", xlabel="optimizer step", ylabel="loss")
-    metrics = [("held-out loss", result["eval_loss"]),
-               ("persona similarity", {k: result["persona"][k]["similarity_heldout"] for k in ("base", "tuned")}),
-               ("run-on rate", {k: result["persona"][k]["run_on_rate"] for k in ("base", "tuned")})]
-    metrics = [(n, v) for n, v in metrics if v["base"] is not None]  # persona similarity may be switched off
-    names = [n for n, _ in metrics]
-    base, tuned = [v["base"] for _, v in metrics], [v["tuned"] for _, v in metrics]
-    x = range(len(names))
-    ax2.bar([i - 0.2 for i in x], base, width=0.4, label="base", color="silver")
-    ax2.bar([i + 0.2 for i in x], tuned, width=0.4, label="tuned", color="black")
-    ax2.set_xticks(list(x), names)
-    ax2.set_title("base vs tuned")
-    ax2.legend()
+    history = json.loads(history_path.read_text()) if history_path.is_file() else {}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    train = history.get("loss", [])
+    ax1.plot([h["step"] for h in train], [h["loss"] for h in train], color="black", label="training loss")
+    held = history.get("eval_loss", [])
+    if held:
+        ax1.plot([h["step"] for h in held], [h["eval_loss"] for h in held], "o-", color="tab:red", label="held-out loss")
+        if history.get("best_step") is not None:
+            ax1.axvline(history["best_step"], color="tab:red", linestyle=":", label="kept checkpoint")
+    ax1.set(title="training (response tokens)", xlabel="optimizer step", ylabel="loss")
+    ax1.legend(fontsize=8)
+    m = result["metrics"]
+    roles = [r for r in ROLES if r in m]
+    names = ["golden loss", "persona similarity", "loop rate"]
+    keys = ["golden_loss", "persona_similarity", "loop_rate"]
+    width = 0.8 / len(roles)
+    colors = {"base": "silver", "champion": "tab:blue", "challenger": "black"}
+    for j, role in enumerate(roles):
+        values = [m[role][k] if m[role][k] is not None else 0.0 for k in keys]
+        ax2.bar([i - 0.4 + width * (j + 0.5) for i in range(len(keys))], values, width=width, label=role,
+                color=colors[role])
+    ax2.set_xticks(list(range(len(keys))), names)
+    ax2.set_title("fixed evaluation sets")
+    ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
 
 
+def _fmt(value, fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def metric_table(result: dict) -> list[str]:
+    """The three-way Markdown table (also used by the model card)."""
+    m = result["metrics"]
+    roles = [r for r in ROLES if r in m]
+    rows = [("golden loss ({} rows, per reply token)".format(result["golden_rows"]), lambda r: r["golden_loss"], "{:.4f}"),
+            ("persona similarity (golden + unseen probes)", lambda r: r["persona_similarity"], "{:.3f}"),
+            ("unseen-topic probes: similarity", lambda r: r.get("probes", {}).get("similarity"), "{:.3f}"),
+            ("unseen-topic probes: beats base", lambda r: r.get("probes", {}).get("wins_vs_base"), "{:.0%}"),
+            ("unseen-topic probes: loop rate", lambda r: r.get("probes", {}).get("loop_rate"), "{:.1%}"),
+            ("unseen-topic probes: distinct-2", lambda r: r.get("probes", {}).get("distinct_2"), "{:.2f}"),
+            ("golden: similarity", lambda r: r.get("golden", {}).get("similarity"), "{:.3f}"),
+            ("golden: beats base", lambda r: r.get("golden", {}).get("wins_vs_base"), "{:.0%}"),
+            ("loop rate (all replies)", lambda r: r["loop_rate"], "{:.1%}"),
+            ("run-on rate (marker written or token limit hit)", lambda r: r["run_on_rate"], "{:.1%}"),
+            ("held-out loss of this CSV ({} rows; informational)".format(result["eval_rows"]),
+             lambda r: r.get("heldout_loss"), "{:.4f}")]
+    lines = ["| metric | " + " | ".join(roles) + " |", "|---" * (len(roles) + 1) + "|"]
+    for name, get, fmt in rows:
+        lines.append(f"| {name} | " + " | ".join(_fmt(get(m[r]), fmt) for r in roles) + " |")
+    return lines
+
+
 def render_report(result: dict, cfg: FinetuneConfig) -> str:
-    el, tl, pb, pt = result["eval_loss"], result["train_loss"], result["persona"]["base"], result["persona"]["tuned"]
-    ppl = result["eval_perplexity"]
-    probes = pt["similarity_probes"] is not None
-
-    def row(name, b, t, fmt="{:.3f}"):
-        return f"| {name} | {fmt.format(b)} | {fmt.format(t)} |"
-
+    t = result["training"]
+    dec = result["decoding"]
     lines = [
         f"# Persona adapter report: {cfg.base_model}",
         "",
-        "| metric | base | tuned |",
-        "|---|---|---|",
-        row(f"held-out loss ({result['eval_rows']} rows, per response token)", el["base"], el["tuned"], "{:.4f}"),
-        row("held-out perplexity", ppl["base"], ppl["tuned"], "{:.2f}"),
-        row(f"train loss (fixed sample of {result['train_rows']} rows)", tl["base"], tl["tuned"], "{:.4f}"),
-        row("persona similarity, held-out (cosine to reference)", pb["similarity_heldout"], pt["similarity_heldout"])
-        if pb["similarity_heldout"] is not None else "| persona similarity | skipped (`persona_similarity` off) | skipped |",
-        *([row(f"persona similarity, {result['probe_prompts']} probes (cosine to persona centroid)",
-               pb["similarity_probes"], pt["similarity_probes"])] if probes else []),
-        row("run-on rate (marker written or token limit hit)", pb["run_on_rate"], pt["run_on_rate"], "{:.1%}"),
-        row("mean reply length (words)", pb["mean_words"], pt["mean_words"], "{:.1f}"),
-        row("distinct-1", pb["distinct_1"], pt["distinct_1"], "{:.2f}"),
-        row("distinct-2", pb["distinct_2"], pt["distinct_2"], "{:.2f}"),
+        "Base (untuned), champion (the live adapter, when there is one) and challenger (this run) on the same fixed "
+        "sets: `data/golden.csv` (never trained on) and the unseen-topic probes `data/probes.csv`.",
         "",
-        f"Tuned/base held-out loss: {el['tuned'] / el['base']:.3f}. Run-on rate of the tuned model with EOS as the "
-        f"only stop criterion (no `###` stop string): {result['run_on_rate_eos_only']:.1%}; with the stop criteria: "
-        f"{pt['run_on_rate']:.1%}.",
+        *metric_table(result),
         "",
-        f"Training: {result['training']['steps']} optimizer steps, logged loss "
-        f"{result['training']['first_loss']} -> {result['training']['last_loss']}.",
+        f"Decoding: greedy, repetition penalty {dec['repetition_penalty']}, no-repeat n-gram size "
+        f"{dec['no_repeat_ngram_size']}, at most {dec['max_new_tokens']} new tokens (generation_config.json). "
+        + (f"With EOS as the only stop (the seed's setting) the challenger ran on in "
+           f"{result['run_on_rate_eos_only']:.1%} of {min(EOS_ONLY_PROMPTS, result['golden_rows'])} golden prompts."
+           if result["run_on_rate_eos_only"] is not None else ""),
         "",
-        "![training loss and base vs tuned](eval_plot.png)",
+        f"Training: {t['steps']} optimizer steps, logged loss {t['first_loss']} -> {t['last_loss']}"
+        + (f"; kept the checkpoint of step {t['best_step']} (held-out loss {t['best_eval_loss']:.4f})"
+           if t.get("best_step") is not None and t.get("best_eval_loss") is not None else "") + ".",
         "",
-        "## Sample replies (greedy, held-out prompts)",
+        "![training curves and base / champion / challenger](eval_plot.png)",
+        "",
+        "## Sample replies (greedy, unseen-topic probes)",
     ]
     for s in result["samples"]:
-        lines += ["", f"**User:** {s['user']}", "", f"- tuned ({s['tuned_ended_by']}): {s['tuned']}",
-                  f"- base ({s['base_ended_by']}): {s['base']}", f"- reference: {s['reference']}"]
+        lines += ["", f"**User:** {s['user']}", "", f"- challenger ({s['tuned_ended_by']}): {s['tuned']}"]
+        if s.get("champion") is not None:
+            lines.append(f"- champion: {s['champion']}")
+        lines += [f"- base ({s['base_ended_by']}): {s['base']}", f"- reference: {s['reference']}"]
     return "\n".join(lines) + "\n"

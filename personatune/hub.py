@@ -1,7 +1,13 @@
 """Publish an adapter bundle to the Hugging Face Hub, and load an adapter back from a folder or a Hub repo.
 
-ML-core side of the publish stage (no Prefect here): the evaluation gate, the model card, one commit with the
+ML-core side of the publish stage (no Prefect here): the evaluation gate, the model card, commits with the
 real `huggingface_hub` client, and `resolve_adapter` for anything that loads an adapter.
+
+Releases: every pushed run lands on its own branch `release/<run>` (`push_release`); `main` moves only when a
+release is promoted, and then its files equal that release's exactly; `rollback_hub` makes an earlier release
+(or any branch, tag or commit) `main` again in one commit; `list_hub_releases` says which release main holds.
+A download of `main` is therefore always some release, byte for byte. `push_bundle` (one commit to main) stays
+for callers that do not use releases.
 
 Errors from the Hub are turned into two exception types whose messages say what to fix and never hold the
 token (they carry no reference to the failed HTTP request, whose headers do):
@@ -13,6 +19,7 @@ token (they carry no reference to the failed HTTP request, whose headers do):
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -29,6 +36,21 @@ DEFAULT_LICENSE = "apache-2.0"  # the project's and the embedded base's; PERSONA
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 # Bundle files that go to the Hub (the model card README.md is added); markers and dotfiles stay local.
 SKIP_FILES = {".complete"}
+RELEASE_PREFIX = "release/"
+# One git ref component: what a run name must be to name a branch (run names are "20261129-001234-70af8535").
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+COMMIT_OID_RE = re.compile(r"^[0-9a-f]{7,64}$")
+# Written by the Hub when it creates a repo (LFS rules). A release branch keeps it; it is no bundle file.
+HUB_HOUSEKEEPING = {".gitattributes"}
+# The first commit of a repo whose main has none (some self-hosted servers): a branch needs a commit to start from.
+EMPTY_MAIN_README = """---
+library_name: peft
+---
+# {name}
+
+No release has been promoted yet. Every personatune run is pushed to its own branch `release/<run>`; `main`
+holds the promoted release.
+"""
 
 
 class HubError(RuntimeError):
@@ -50,30 +72,6 @@ class HubPublishError(HubError):
 # ------------------------------------------------------------------------------------------------------------
 # Evaluation gate
 # ------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GateDecision:
-    passed: bool
-    improvement: float  # relative drop of held-out loss: (base - tuned) / base
-    reason: str
-
-
-def gate_decision(eval_loss: dict, min_improvement: float = 0.0, force: bool = False) -> GateDecision:
-    """Push only if the tuned held-out loss is below base by more than `min_improvement` (a fraction)."""
-    base, tuned = float(eval_loss["base"]), float(eval_loss["tuned"])
-    improvement = (base - tuned) / base if base > 0 else 0.0
-    numbers = (f"held-out loss base {base:.4f} -> tuned {tuned:.4f} "
-               f"({improvement:+.2%} improvement, gate requires > {min_improvement:.2%})")
-    if improvement > min_improvement:
-        return GateDecision(True, improvement, f"gate passed: {numbers}")
-    if force:
-        return GateDecision(True, improvement, f"gate failed but --force-push is set: {numbers}")
-    return GateDecision(False, improvement, f"gate failed: {numbers}; nothing was pushed "
-                                            "(lower --push-min-improvement, or --force-push to push anyway)")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Model card
-# ------------------------------------------------------------------------------------------------------------
 def hub_base_model(base_model: str) -> str | None:
     """The base model as a Hub id for the card and adapter_config.json; None for a local folder."""
     if base_model == EMBEDDED_MODEL:
@@ -91,10 +89,14 @@ def usage_snippet(repo_id: str, base_id: str | None, revision: str | None = None
             f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{repo_id}"{rev})\n')
 
 
-def render_model_card(bundle: str | Path, repo_id: str, license: str | None = None) -> str:
+def render_model_card(bundle: str | Path, repo_id: str, license: str | None = None,
+                      releases: list[dict] | None = None) -> str:
     """README.md with YAML metadata (base_model, library_name, pipeline_tag, tags, license, data hash, eval
-    results) and a body with the eval table, the prompt template and the usage snippet."""
+    results) and a body with the eval table, the prompt template and the usage snippet; with `releases`, a
+    "Release history" table too (see `release_history_table`)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from personatune.evaluate import metric_table
 
     bundle = Path(bundle)
     ev = json.loads((bundle / "eval.json").read_text())
@@ -102,7 +104,7 @@ def render_model_card(bundle: str | Path, repo_id: str, license: str | None = No
     cfg, data_sha = tc["config"], tc["data_sha256"]
     base_id = hub_base_model(cfg["base_model"])
     license = license or os.environ.get("PERSONATUNE_HUB_LICENSE") or DEFAULT_LICENSE
-    el, tl, ppl = ev["eval_loss"], ev["train_loss"], ev.get("eval_perplexity", {})
+    el, tl = ev["eval_loss"], ev["train_loss"]
     run = bundle.name
     dataset_name = f"quotes.csv held-out split (sha256 {data_sha[:12]})"
     data = ModelCardData(
@@ -114,12 +116,17 @@ def render_model_card(bundle: str | Path, repo_id: str, license: str | None = No
               "text-generation"] + ([f"base_model:adapter:{base_id}"] if base_id else []),
         model_name=repo_id.split("/")[-1],
         eval_results=[
+            EvalResult(task_type="text-generation", dataset_type="personatune/golden", dataset_name="golden.csv",
+                       dataset_split="test", metric_type="loss", metric_name="golden loss (per reply token)",
+                       metric_value=round(ev["metrics"]["challenger"]["golden_loss"], 6)),
+            *([EvalResult(task_type="text-generation", dataset_type="personatune/golden+probes",
+                          dataset_name="golden.csv + unseen-topic probes", dataset_split="test", metric_type="cosine",
+                          metric_name="persona similarity",
+                          metric_value=round(ev["metrics"]["challenger"]["persona_similarity"], 4))]
+              if ev["metrics"]["challenger"]["persona_similarity"] is not None else []),
             EvalResult(task_type="text-generation", dataset_type="personatune/quotes", dataset_name=dataset_name,
                        dataset_split="held-out", metric_type="loss", metric_name="held-out loss (per response token)",
                        metric_value=round(el["tuned"], 6)),
-            EvalResult(task_type="text-generation", dataset_type="personatune/quotes", dataset_name=dataset_name,
-                       dataset_split="held-out", metric_type="perplexity", metric_name="held-out perplexity",
-                       metric_value=round(ppl.get("tuned", 0.0), 4)),
         ],
         dataset_sha256=data_sha,
         personatune={
@@ -142,6 +149,13 @@ def render_model_card(bundle: str | Path, repo_id: str, license: str | None = No
         base_note += f" at revision `{cfg['base_revision']}`"
     prompt = TEMPLATE.format(instruction="{instruction}", user="{user}")
     samples = "\n".join(f"- **User:** {s['user']}\n  **Reply:** {s['tuned']}" for s in ev.get("samples", []))
+    verdict_text = ""
+    if (bundle / "release.json").is_file():
+        release = json.loads((bundle / "release.json").read_text())
+        d = release.get("diff")
+        verdict_text = (f"**Release verdict:** {release['verdict']['reason']}.\n" + (
+            f"Data since the champion: {d['added']} rows added, {d['removed']} removed, {d['edited']} edited.\n"
+            if d else ""))
     body = f"""
 # {repo_id.split('/')[-1]}
 
@@ -163,7 +177,11 @@ at the next `###`:
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained("{repo_id}")
 prompt = {json.dumps(prompt)}.format(instruction="Respond as Wednesday Addams.", user="Do you like sunny days?")
-out = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=64, stop_strings=["###"], tokenizer=tok)
+# generation_config.json (in this repo) holds the decoding the evaluation used: greedy, EOS, the `###` stop
+# string and the repetition penalty
+from transformers import GenerationConfig
+gen = GenerationConfig.from_pretrained("{repo_id}")
+out = model.generate(**tok(prompt, return_tensors="pt"), generation_config=gen, tokenizer=tok)
 print(tok.decode(out[0], skip_special_tokens=True)[len(prompt):].split("###")[0].strip())
 ```
 
@@ -174,14 +192,16 @@ print(tok.decode(out[0], skip_special_tokens=True)[len(prompt):].split("###")[0]
 
 ## Evaluation
 
-Loss per response token (prompt tokens are masked), base model vs this adapter:
+Base model, the champion this release was judged against (when there was one) and this adapter, on fixed sets
+that an edit to the training CSV cannot move: `golden.csv` ({ev.get('golden_rows')} rows written for evaluation,
+never trained on) and {ev.get('probe_prompts')} unseen-topic probes (everyday topics absent from the training data),
+greedy replies decoded with this repo's `generation_config.json` (repetition penalty
+{ev.get('decoding', {}).get('repetition_penalty')}, no-repeat n-gram {ev.get('decoding', {}).get('no_repeat_ngram_size')}):
 
-| split | base | tuned | change |
-|---|---|---|---|
-| held-out ({ev.get('eval_rows')} rows) | {el['base']:.4f} | {el['tuned']:.4f} | {el['tuned'] / el['base'] - 1:+.1%} |
-| train (fixed sample of {ev.get('train_rows')} rows) | {tl['base']:.4f} | {tl['tuned']:.4f} | {tl['tuned'] / tl['base'] - 1:+.1%} |
+{chr(10).join(metric_table(ev))}
 
-Sample replies (greedy, held-out prompts):
+{verdict_text}
+Sample replies (unseen-topic probes):
 
 {samples or '(none)'}
 
@@ -193,7 +213,46 @@ LoRA r={cfg['lora_r']}, alpha={cfg['lora_alpha']}, dropout={cfg['lora_dropout']}
 {cfg['micro_batch_size']} x {cfg['grad_accum']}, seed {cfg['seed']}. The full resolved configuration is in
 `training_config.json`, the per-step loss in `history.json`, the evaluation in `eval.json`.
 """
+    if releases is not None:
+        body += f"""
+## Release history
+
+Every run is pushed to its own branch `{RELEASE_PREFIX}<run>`; `main` holds the promoted release (or the one a
+rollback restored). This is `{RELEASE_PREFIX}{run}`; load exactly one release with
+`revision="{RELEASE_PREFIX}<run>"` in `PeftModel.from_pretrained`.
+
+{release_history_table(releases)}"""
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def release_history_table(releases: list[dict]) -> str:
+    """Markdown table of releases, in the order given: run, data hash (8 chars), date, golden loss, persona
+    similarity, verdict ("promoted", "rejected", "rolled back"). Missing numbers show as an em dash."""
+    def number(value, digits: int) -> str:
+        return "\u2014" if value is None else f"{float(value):.{digits}f}"
+
+    def cell(value) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| run | data | date | golden loss | persona similarity | verdict |", "|---|---|---|---|---|---|"]
+    for r in releases:
+        lines.append(f"| `{cell(r['run'])}` | `{cell((r.get('data_sha256') or '')[:8])}` | "
+                     f"{cell(_release_date(r.get('created')))} | {number(r.get('golden_loss'), 4)} | "
+                     f"{number(r.get('persona_similarity'), 3)} | {cell(r.get('verdict') or '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _release_date(created) -> str:
+    """ISO time -> "2026-11-29 00:12 UTC" (minutes are enough to tell releases of one day apart)."""
+    if not created:
+        return "\u2014"
+    try:
+        when = dt.datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+    except ValueError:
+        return str(created)
+    if when.tzinfo is None:
+        return when.strftime("%Y-%m-%d %H:%M")
+    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -239,6 +298,9 @@ def _translate(exc: BaseException, what: str, repo_id: str, endpoint: str, token
             return HubPublishError(
                 f"{what}: the token may not write to {repo_id!r} (403 Forbidden){hint}. Use a token with write "
                 f"access to the namespace {repo_id.split('/')[0]!r}, or change --hub-repo", status)
+        if status == 412:  # create_commit(parent_commit=...) and the branch moved meanwhile: re-read and retry
+            return HubTransientError(f"{what}: the branch moved while this commit was prepared (412){hint}; "
+                                     "will retry", status)
         if status == 404:
             return HubPublishError(
                 f"{what}: {repo_id!r} (or that revision) was not found at {endpoint} (404){hint}. Check the repo "
@@ -297,19 +359,11 @@ def push_bundle(bundle: str | Path, repo_id: str, token: str | None, *, private:
     Raises HubTransientError (retry) or HubPublishError (fix something). A repeated push of the same files
     is a no-op commit on the Hub side (the client skips unchanged files).
     """
-    from huggingface_hub import CommitOperationAdd, HfApi, constants
+    from huggingface_hub import CommitOperationAdd
 
     bundle = Path(bundle)
-    endpoint = (endpoint or hub_endpoint()).rstrip("/")
     what = f"pushing {bundle.name} to {repo_id}"
-    if not REPO_ID_RE.match(repo_id or ""):
-        raise HubPublishError(f"{what}: --hub-repo must look like 'namespace/name', got {repo_id!r}")
-    if constants.is_offline_mode():
-        raise HubPublishError(f"{what}: HF_HUB_OFFLINE=1 is set; unset it (or set 0) to reach {endpoint}")
-    if not token:
-        raise HubPublishError(f"{what}: no Hugging Face token. Set HF_TOKEN, or save a Prefect Secret block "
-                              "'hf-token' (PERSONATUNE_HF_TOKEN_BLOCK names another), or run `hf auth login`")
-    api = HfApi(endpoint=endpoint, token=token, library_name="personatune")
+    api, endpoint = _client(what, repo_id, token, endpoint)
 
     # Fail fast on a bad token before uploading anything.
     _call(lambda: api.whoami(), what, repo_id, endpoint, token)
@@ -328,7 +382,22 @@ def push_bundle(bundle: str | Path, repo_id: str, token: str | None, *, private:
                       endpoint=endpoint)
 
 
-def _stage(bundle: Path, tmp: Path, repo_id: str) -> Path:
+def _client(what: str, repo_id: str, token: str | None, endpoint: str | None = None, *, need_token: bool = True):
+    """(HfApi, endpoint) after the checks that need no network: repo id, offline mode, token."""
+    from huggingface_hub import HfApi, constants
+
+    endpoint = (endpoint or hub_endpoint()).rstrip("/")
+    if not REPO_ID_RE.match(repo_id or ""):
+        raise HubPublishError(f"{what}: --hub-repo must look like 'namespace/name', got {repo_id!r}")
+    if constants.is_offline_mode():
+        raise HubPublishError(f"{what}: HF_HUB_OFFLINE=1 is set; unset it (or set 0) to reach {endpoint}")
+    if need_token and not token:
+        raise HubPublishError(f"{what}: no Hugging Face token. Set HF_TOKEN, or save a Prefect Secret block "
+                              "'hf-token' (PERSONATUNE_HF_TOKEN_BLOCK names another), or run `hf auth login`")
+    return HfApi(endpoint=endpoint, token=token or None, library_name="personatune"), endpoint
+
+
+def _stage(bundle: Path, tmp: Path, repo_id: str, releases: list[dict] | None = None) -> Path:
     """The files of the commit: the bundle, the model card, and adapter_config.json naming the Hub base."""
     import shutil
 
@@ -346,8 +415,173 @@ def _stage(bundle: Path, tmp: Path, repo_id: str) -> Path:
         if cfg["base_model"] != EMBEDDED_MODEL and cfg.get("base_revision") not in (None, "", "main"):
             data["revision"] = cfg["base_revision"]
         adapter_cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    (staged / "README.md").write_text(render_model_card(bundle, repo_id), encoding="utf-8")
+    (staged / "README.md").write_text(render_model_card(bundle, repo_id, releases=releases), encoding="utf-8")
     return staged
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Releases: a branch per run, main moves on promotion and rollback
+# ------------------------------------------------------------------------------------------------------------
+def release_branch(run_name: str) -> str:
+    """The branch holding the release of `run_name`: `release/<run>`.
+
+    The Hub takes slashes in branch names: `HfApi.create_branch` URL-encodes the whole name (`quote(branch,
+    safe="")`) and rejects only names under `refs/`, the Hub itself keeps `refs/convert/parquet` branches, and
+    huggingface.js fixed uploads "to a branch with a slash in it" (PR #1757). The prefix groups releases in the
+    Hub's branch menu and keeps them apart from branches people make by hand.
+    """
+    if not RUN_NAME_RE.match(run_name or "") or ".." in run_name or run_name.endswith(".lock"):
+        raise HubPublishError(f"run name {run_name!r} cannot name a release branch: use letters, digits, '.', "
+                              "'_' and '-' (e.g. 20261129-001234-70af8535)")
+    return RELEASE_PREFIX + run_name
+
+
+@dataclass(frozen=True)
+class ReleasePush:
+    repo_id: str
+    branch: str
+    branch_commit_url: str
+    branch_commit_oid: str
+    main_commit_url: str | None  # None unless promoted
+    main_commit_oid: str | None  # None unless promoted
+    endpoint: str
+
+
+def push_release(bundle: str | Path, repo_id: str, token: str | None, *, private: bool = True,
+                 run_label: str | None = None, promote: bool, releases: list[dict] | None = None,
+                 endpoint: str | None = None) -> ReleasePush:
+    """Push the bundle as the release `release/<run>`; with `promote`, make main's files equal to it.
+
+    Creates the repo if missing (private per flag) and the branch from main's head, then ONE commit on the
+    branch: the staged bundle and its model card (with `releases` as its release history), deleting what the
+    branch inherited from main that the bundle lacks (but `.gitattributes`). Promotion is a second commit, on
+    main (see `_make_equal`). A repeated call (a task retry) commits nothing that is already there: the client
+    skips files whose blob is identical on that revision, and a commit with nothing left is not made.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    bundle = Path(bundle)
+    run = bundle.name
+    what = f"pushing release {run} to {repo_id}"
+    branch = release_branch(run)
+    api, endpoint = _client(what, repo_id, token, endpoint)
+    call = lambda fn: _call(fn, what, repo_id, endpoint, token)  # noqa: E731
+
+    call(lambda: api.whoami())  # fail fast on a bad token before uploading anything
+    call(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+    branches = {b.name for b in call(lambda: api.list_repo_refs(repo_id)).branches}
+    if "main" not in branches:
+        readme = EMPTY_MAIN_README.format(name=repo_id.split("/")[-1]).encode()
+        call(lambda: api.create_commit(repo_id, [CommitOperationAdd("README.md", readme)], revision="main",
+                                       commit_message="Start main: releases live on release/<run> branches"))
+    if branch not in branches:
+        call(lambda: api.create_branch(repo_id, branch=branch, revision="main", exist_ok=True))
+
+    title, description = commit_message(bundle)
+    if run_label:
+        description += f"Orchestrator run: {run_label}\n"
+    with tempfile.TemporaryDirectory(prefix="personatune-hub-") as tmp:
+        staged = _stage(bundle, Path(tmp), repo_id, releases=releases)
+        head = call(lambda: api.model_info(repo_id, revision=branch))
+        files = sorted(p.name for p in staged.iterdir())
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(staged / name)) for name in files]
+        operations += _deletions({s.rfilename for s in head.siblings or []} - set(files) - HUB_HOUSEKEEPING)
+        info = call(lambda: api.create_commit(repo_id, operations, revision=branch, commit_message=title,
+                                              commit_description=description, parent_commit=head.sha))
+    main = None
+    if promote:
+        main = _make_equal(api, repo_id, "main", info.oid, f"Promote {branch} to main",
+                           f"{title}\n\n{description}", what, endpoint, token)
+    return ReleasePush(repo_id=repo_id, branch=branch, branch_commit_url=info.commit_url,
+                       branch_commit_oid=info.oid, main_commit_url=main.commit_url if main else None,
+                       main_commit_oid=main.oid if main else None, endpoint=endpoint)
+
+
+def rollback_hub(repo_id: str, token: str | None, to: str, *, run_label: str | None = None,
+                 endpoint: str | None = None) -> tuple[str, str]:
+    """Make main's files identical to an earlier release, in one commit; returns (commit_url, commit_oid).
+
+    `to` is a run name (its branch `release/<run>`) or any branch, tag or commit oid. An unknown name fails
+    with the releases the repo has; a rollback to what main already holds makes no commit.
+    """
+    what = f"rolling back {repo_id} to {to}"
+    api, endpoint = _client(what, repo_id, token, endpoint)
+    call = lambda fn: _call(fn, what, repo_id, endpoint, token)  # noqa: E731
+
+    call(lambda: api.whoami())
+    refs = call(lambda: api.list_repo_refs(repo_id))
+    names = {r.name for r in refs.branches} | {r.name for r in refs.tags}
+    candidate = RELEASE_PREFIX + to if RUN_NAME_RE.match(to or "") else None
+    if candidate in names:
+        source = candidate
+    elif to in names or COMMIT_OID_RE.match(to or ""):
+        source = to  # a commit oid the server does not know fails below with a 404 naming it
+    else:
+        runs = sorted(r.name[len(RELEASE_PREFIX):] for r in refs.branches if r.name.startswith(RELEASE_PREFIX))
+        shown = ", ".join(runs[-10:]) or "none"
+        raise HubPublishError(f"{what}: {repo_id!r} at {endpoint} has no release {to!r} (no branch "
+                              f"{candidate or RELEASE_PREFIX + '<run>'!r}) and no branch, tag or commit named "
+                              f"{to!r}. Releases there: {shown}. Pass a run name from that list, a branch, a tag "
+                              "or a commit oid")
+    title = f"Roll back main to {to}" + (f" ({source})" if source != to else "")
+    description = f"Restores the files of {source}.\n" + (f"Orchestrator run: {run_label}\n" if run_label else "")
+    info = _make_equal(api, repo_id, "main", source, title, description, what, endpoint, token)
+    return info.commit_url, info.oid
+
+
+def list_hub_releases(repo_id: str, token: str | None, *, endpoint: str | None = None) -> list[dict]:
+    """The release branches, oldest run first (run names start with their UTC time): branch, run, commit_oid
+    and is_main, true where the branch's files equal main's (same paths, same blob shas)."""
+    what = f"listing releases of {repo_id}"
+    api, endpoint = _client(what, repo_id, token, endpoint, need_token=False)
+    call = lambda fn: _call(fn, what, repo_id, endpoint, token)  # noqa: E731
+
+    def tree(oid: str) -> dict[str, str]:
+        from huggingface_hub.hf_api import RepoFile
+
+        entries = call(lambda: list(api.list_repo_tree(repo_id, revision=oid, recursive=True)))
+        return {e.path: e.blob_id for e in entries if isinstance(e, RepoFile)}
+
+    refs = call(lambda: api.list_repo_refs(repo_id))
+    heads = {b.name: b.target_commit for b in refs.branches}
+    main_tree = tree(heads["main"]) if "main" in heads else None
+    releases = []
+    for name, oid in sorted(heads.items()):
+        if name.startswith(RELEASE_PREFIX):
+            is_main = main_tree is not None and (oid == heads["main"] or tree(oid) == main_tree)
+            releases.append({"branch": name, "run": name[len(RELEASE_PREFIX):], "commit_oid": oid,
+                             "is_main": is_main})
+    return releases
+
+
+def _deletions(paths) -> list:
+    from huggingface_hub import CommitOperationDelete
+
+    return [CommitOperationDelete(path_in_repo=p) for p in sorted(paths)]
+
+
+def _make_equal(api, repo_id: str, target: str, source: str, title: str, description: str, what: str,
+                endpoint: str, token: str | None):
+    """One commit on branch `target` after which its files are exactly those of revision `source`.
+
+    Every file of `source` is copied (regular files pass through the client, LFS files are copied on the Hub
+    without a download), files of `target` absent from `source` are deleted. `parent_commit` pins the target
+    head we compared against: if it moved meanwhile the Hub answers 412 and the caller retries. Files already
+    identical are skipped by the client, and nothing to change means no commit (the head is returned).
+    """
+    from huggingface_hub import CommitOperationCopy
+
+    call = lambda fn: _call(fn, what, repo_id, endpoint, token)  # noqa: E731
+    src = call(lambda: api.model_info(repo_id, revision=source))
+    dst = call(lambda: api.model_info(repo_id, revision=target))
+    src_files = {s.rfilename for s in src.siblings or []}
+    dst_files = {s.rfilename for s in dst.siblings or []}
+    operations = [CommitOperationCopy(src_path_in_repo=p, path_in_repo=p, src_revision=src.sha)
+                  for p in sorted(src_files)]
+    operations += _deletions(dst_files - src_files)
+    return call(lambda: api.create_commit(repo_id, operations, revision=target, commit_message=title,
+                                          commit_description=description + f"Source commit: {src.sha}\n",
+                                          parent_commit=dst.sha))
 
 
 # ------------------------------------------------------------------------------------------------------------

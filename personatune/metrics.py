@@ -7,6 +7,7 @@ around 0 unrelated. A reply scores high when it sounds like the reference line s
 from __future__ import annotations
 
 import functools
+import re
 import statistics
 
 import numpy as np
@@ -42,6 +43,27 @@ def distinct_n(replies: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+LOOP_NGRAM, LOOP_TIMES = 3, 3
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def loops(generation: dict, n: int = LOOP_NGRAM, times: int = LOOP_TIMES) -> bool:
+    """A reply loops if some word n-gram comes back `times` times ("I'll be there. I'll be there for a long time.
+    I'll be there for ...") or it hit the token limit without ending. A 12-35 word reply in her voice never says
+    the same three words three times; a degenerate one always does."""
+    words = _words(generation["reply"])
+    counts: dict[tuple, int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] >= times:
+            return True
+    return generation["ended_by"] == "length"
+
+
 def run_on(generation: dict) -> bool:
     """A reply runs on if it wrote a scaffold marker or hit the token limit without ending."""
     return "###" in generation["raw"] or generation["ended_by"] == "length"
@@ -53,6 +75,7 @@ def reply_stats(generations: list[dict]) -> dict:
     return {
         "replies": len(generations),
         "run_on_rate": sum(run_on(g) for g in generations) / max(len(generations), 1),
+        "loop_rate": sum(loops(g) for g in generations) / max(len(generations), 1),
         "mean_words": statistics.fmean(words) if words else 0.0,
         "mean_new_tokens": statistics.fmean(g["new_tokens"] for g in generations) if generations else 0.0,
         "distinct_1": distinct_n(replies, 1),

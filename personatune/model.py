@@ -192,7 +192,15 @@ def dequantize_frozen_base(model) -> int:
     for parent_name, name in targets:
         parent = model.get_submodule(parent_name)
         child = getattr(parent, name)
-        weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
+        data, state = child.weight.data, child.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # After a first forward pass on an AVX-512 CPU, bitsandbytes keeps the weight repacked for its CPU
+            # kernel; dequantize_4bit would misread that layout (garbage weights). Its own inverse gives back the NF4
+            # codes exactly and the block scales to bf16 precision (the precision that kernel computes with).
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+        weight = bnb.functional.dequantize_4bit(data, state)
         plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                 dtype=child.compute_dtype or weight.dtype, device=weight.device)
         with torch.no_grad():

@@ -159,9 +159,15 @@ def plan_training(cfg, shape: ModelShape | None = None, lengths: list[int] | Non
     """Choose micro-batch, accumulation, checkpointing and attention for `cfg.profile` on this card."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     profile = getattr(cfg, "profile", "auto")
-    if profile == "auto":
-        profile = "gpu" if cuda else "manual"
     layers = shape.layers if shape else 0
+    if profile == "auto" and not cuda:
+        # The CPU default: the config's layout, with the frozen NF4 weights dequantized once (the same values the
+        # 4-bit kernels compute with) instead of on every forward and backward pass (QUALITY.md: CPU step times).
+        return TrainPlan("cpu", cfg.micro_batch_size, cfg.grad_accum, cfg.packing,
+                         layers if cfg.gradient_checkpointing else 0, layers, "sdpa", False, None, None,
+                         "CPU: config layout, frozen NF4 weights dequantized once", dequantized_base=cfg.load_in_4bit)
+    if profile == "auto":
+        profile = "gpu"
     if profile == "manual" or not cuda:
         why = "config as given" if profile == "manual" else f"profile {profile} needs CUDA; config as given"
         return TrainPlan("manual", cfg.micro_batch_size, cfg.grad_accum, cfg.packing,
@@ -298,6 +304,12 @@ def chunked_causal_lm_loss(hidden, labels, weight, num_items_in_batch=None, chun
 def apply_plan(model, plan: TrainPlan, compute_dtype: torch.dtype) -> None:
     """Change the loaded (peft) model in place to follow the plan; `manual` changes nothing."""
     if plan.profile == "manual":
+        return
+    if plan.profile == "cpu":
+        if plan.dequantized_base:
+            from personatune.model import dequantize_frozen_base
+
+            dequantize_frozen_base(model)
         return
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if plan.dequantized_base:

@@ -38,9 +38,13 @@ def collator(tok, packing: bool = False, varlen: bool = False):
     return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
 
-def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int, plan=None):
+def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int, plan=None, held_out: bool = False):
     """TrainingArguments of the recipe. With a GPU profile's `plan`, checkpointing is set per layer on the model
-    (profiles.apply_plan), so the Trainer must not switch it on for every layer again."""
+    (profiles.apply_plan), so the Trainer must not switch it on for every layer again.
+
+    With `held_out` rows the held-out loss is measured every `eval_every_steps` (or once an epoch) and at the last
+    step, a checkpoint is saved at each measurement, and the best one (lowest held-out loss) is what training
+    returns: a last epoch that overfits does not replace a better earlier one."""
     from transformers import TrainingArguments
 
     dtype = compute_dtype(cfg.compute_dtype)
@@ -58,10 +62,17 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int, p
         optim=cfg.optim,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16 and torch.cuda.is_available(),
-        gradient_checkpointing=cfg.gradient_checkpointing and (plan is None or plan.profile == "manual"),
-        save_strategy="epoch" if cfg.max_steps < 0 else "steps",
-        save_steps=max(1, steps_per_epoch),
-        save_total_limit=2,
+        gradient_checkpointing=cfg.gradient_checkpointing and (plan is None or plan.profile in ("manual", "cpu")),
+        save_strategy="steps",
+        save_steps=cfg.eval_every_steps or max(1, steps_per_epoch),
+        save_total_limit=2,  # with load_best_model_at_end the Trainer keeps the best one besides the newest
+        eval_strategy="steps" if held_out else "no",
+        eval_steps=cfg.eval_every_steps or max(1, steps_per_epoch),
+        per_device_eval_batch_size=cfg.micro_batch_size,
+        load_best_model_at_end=held_out,
+        metric_for_best_model="eval_loss" if held_out else None,
+        greater_is_better=False if held_out else None,
+        neftune_noise_alpha=cfg.neftune_noise_alpha or None,
         logging_steps=plan.logging_steps if plan is not None else 1,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -179,12 +190,18 @@ def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, 
     cfg = apply_plan_to_config(cfg, plan)
     model = load_qlora_model(resolved, cfg, adapter_dir=str(init_adapter), trainable=True)
     apply_plan(model, plan, compute_dtype(cfg.compute_dtype))
-    args = training_arguments(cfg, checkpoints, len(data["train"]), plan)
+    held_out = len(data["eval"]) > 0
+    args = training_arguments(cfg, checkpoints, len(data["train"]), plan, held_out=held_out)
     recorder = StepLosses()
+    callbacks = list(callbacks or []) + [recorder.callback()]
+    if held_out and cfg.early_stopping_patience > 0:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = recorder.trainer_class()(
-        model=model, args=args, train_dataset=data["train"],
+        model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"] if held_out else None,
         data_collator=collator(tok, cfg.packing, varlen=plan.attention == "varlen"),
-        processing_class=tok, callbacks=list(callbacks or []) + [recorder.callback()])
+        processing_class=tok, callbacks=callbacks)
     resume = last_checkpoint(checkpoints)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -197,6 +214,9 @@ def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, 
     ]
     if args.logging_steps > 1:  # the Trainer logged every few steps only: the recorder has every step
         history = recorder.history(history)
+    held_out_curve = [{"step": e["step"], "epoch": e.get("epoch"), "eval_loss": e["eval_loss"]}
+                      for e in trainer.state.log_history if "eval_loss" in e]
+    best = trainer.state.best_model_checkpoint
     with atomic_dir(adapter_dir) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -206,6 +226,10 @@ def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, 
             "train_runtime_s": result.metrics.get("train_runtime"),
             "layout": plan.to_dict(),
             "loss": history,
+            "eval_loss": held_out_curve,
+            "best_step": int(best.rsplit("-", 1)[1]) if best else None,
+            "best_eval_loss": trainer.state.best_metric if best else None,
+            "stopped_early": trainer.state.global_step < trainer.state.max_steps,
         }, indent=2) + "\n")
     shutil.rmtree(checkpoints, ignore_errors=True)
     return adapter_dir

@@ -28,7 +28,10 @@ STAGE_FIELDS = {
     "train": MODEL_FIELDS + ("epochs", "max_steps", "learning_rate", "warmup_ratio", "micro_batch_size",
                              "grad_accum", "optim", "packing", "gradient_checkpointing", "profile", "compile",
                              "num_gpus"),
-    "evaluate": MODEL_FIELDS + ("num_samples", "max_new_tokens", "probes_csv", "persona_similarity"),
+    "score": ("base_revision", "load_in_4bit", "compute_dtype", "seed", "max_new_tokens", "repetition_penalty",
+              "no_repeat_ngram_size", "persona_similarity"),
+    "evaluate": MODEL_FIELDS + ("num_samples", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size",
+                                "golden_csv", "probes_csv", "persona_similarity"),
 }
 # The ML-core modules each stage runs; their imports are followed (personatune.files.module_closure). The ranks
 # of a multi-GPU run start as `python -m personatune.train_rank`, which no import names: listed here.
@@ -37,13 +40,16 @@ STAGE_MODULES = {
     "tokenize": ("personatune.tokenization",),
     "build_model": ("personatune.model",),
     "train": ("personatune.train", "personatune.distributed", "personatune.train_rank"),
+    "score": ("personatune.evaluate",),
     "evaluate": ("personatune.evaluate",),
 }
 NOT_HASHED = ("out_dir", "config")
+# Inputs named by content elsewhere in the key (a score's adapter by its sha256), so where they lie does not matter.
+NOT_HASHED_PER_STAGE = {"score": ("adapter_dir",)}
 
 
 def stage_key(stage: str, params: dict[str, Any]) -> str:
-    inputs = {k: v for k, v in params.items() if k not in NOT_HASHED}
+    inputs = {k: v for k, v in params.items() if k not in NOT_HASHED + NOT_HASHED_PER_STAGE.get(stage, ())}
     settings = {f: params["config"][f] for f in STAGE_FIELDS[stage]}
     return stable_hash(stage, code_version(*STAGE_MODULES[stage]), inputs, settings)[:24]
 

@@ -1,7 +1,8 @@
 """The final tasks: assemble the adapter bundle in outputs/<run>/, then push it to the Hugging Face Hub.
 
-`push_to_hub` keeps the bundle local when no repo is configured, applies the evaluation gate, and pushes with
-the real `huggingface_hub` client (personatune/hub.py). The token comes from `HF_TOKEN`, else the Prefect
+`push_to_hub` keeps the bundle local when no repo is configured; otherwise every run lands on its own branch
+`release/<run>` and only a promoted one (tasks/release.py) moves `main`. It uses the real `huggingface_hub`
+client (personatune/hub.py). The token comes from `HF_TOKEN`, else the Prefect
 Secret block named by `PERSONATUNE_HF_TOKEN_BLOCK` (default `hf-token`), else a saved `hf auth login`. It is
 read inside the task, never passed as a parameter, and never logged.
 """
@@ -18,16 +19,19 @@ from prefect.tasks import exponential_backoff
 
 from personatune.bundle import write_bundle
 from personatune.config import from_mapping
-from personatune.hub import HubTransientError, gate_decision, hub_endpoint, push_bundle
+from personatune.hub import HubTransientError, hub_endpoint, push_release
+from personatune.release import read_log, update_last
 
 TOKEN_BLOCK_ENV = "PERSONATUNE_HF_TOKEN_BLOCK"
 DEFAULT_TOKEN_BLOCK = "hf-token"
 
 
 @task(name="publish", retries=2, retry_delay_seconds=[2, 10])
-def publish_bundle(config: dict, run_name: str, adapter_dir: str, eval_dir: str, provenance: dict) -> str:
-    """Write the bundle atomically, point outputs/latest at it, and attach the report as an artifact."""
-    run_dir = write_bundle(from_mapping(config), run_name, adapter_dir, eval_dir, provenance)
+def publish_bundle(config: dict, run_name: str, adapter_dir: str, eval_dir: str, provenance: dict,
+                   release: dict) -> str:
+    """Write the bundle atomically (with its verdict, data diff and rows); attach the report as an artifact."""
+    run_dir = write_bundle(from_mapping(config), run_name, adapter_dir, eval_dir, provenance,
+                           release={k: release[k] for k in ("verdict", "diff", "champion")}, rows=release["rows"])
     create_markdown_artifact(key="eval-report", markdown=(run_dir / "report.md").read_text(),
                              description=f"Evaluation of the persona adapter in {run_dir}")
     return str(run_dir)
@@ -77,30 +81,29 @@ def _run_label() -> str | None:
 
 @task(name="push_to_hub", retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_jitter_factor=0.2, retry_condition_fn=_retry_transient)
-def push_to_hub(config: dict, run_dir: str) -> dict:
-    """Push the bundle to `hub_repo` if it passes the evaluation gate; returns status, message, commit_url."""
+def push_to_hub(config: dict, run_dir: str, promoted: bool) -> dict:
+    """Push the bundle to its release branch `release/<run>` of `hub_repo`; if it was promoted, `main` too."""
     cfg = from_mapping(config)
     log = get_run_logger()
-    eval_loss = json.loads((Path(run_dir) / "eval.json").read_text())["eval_loss"]
-    decision = gate_decision(eval_loss, cfg.push_min_improvement, cfg.force_push)
-    result = {"status": "", "message": "", "commit_url": None, "repo_id": cfg.hub_repo or None, "gate": decision.reason}
+    run = Path(run_dir).name
+    result = {"status": "", "message": "", "commit_url": None, "repo_id": cfg.hub_repo or None, "branch": None}
     if not cfg.hub_repo:
         result.update(status="local", message=f"kept the bundle local in {run_dir} (no --hub-repo configured)")
         log.info("%s", result["message"])
         return result
-    if not decision.passed:
-        result.update(status="gated", message=f"not pushed to {cfg.hub_repo}: {decision.reason}")
-        log.warning("%s", result["message"])
-        return result
-    log.info("%s", decision.reason)
     token, source = hub_token()
-    log.info("pushing %s to %s at %s (token from %s; repo created %s if missing)", Path(run_dir).name,
-             cfg.hub_repo, hub_endpoint(), source, "private" if cfg.hub_private else "public")
-    pushed = push_bundle(run_dir, cfg.hub_repo, token, private=cfg.hub_private, run_label=_run_label())
-    result.update(status="pushed", commit_url=pushed.commit_url, commit_oid=pushed.commit_oid,
-                  message=f"pushed to {pushed.repo_id}: {pushed.commit_url}")
-    create_link_artifact(key="hub-commit", link=pushed.commit_url,
-                         link_text=f"{pushed.repo_id}@{pushed.commit_oid[:8]}",
-                         description=f"Adapter bundle {Path(run_dir).name} on the Hub ({pushed.endpoint})")
+    log.info("pushing %s to %s at %s (token from %s; repo created %s if missing)", run, cfg.hub_repo,
+             hub_endpoint(), source, "private" if cfg.hub_private else "public")
+    pushed = push_release(run_dir, cfg.hub_repo, token, private=cfg.hub_private, run_label=_run_label(),
+                          promote=promoted, releases=read_log(cfg.output_dir))
+    where = f"main and {pushed.branch}" if promoted else f"{pushed.branch} only (main keeps the champion)"
+    result.update(status="pushed" if promoted else "branch", branch=pushed.branch,
+                  commit_url=pushed.main_commit_url or pushed.branch_commit_url,
+                  branch_commit_url=pushed.branch_commit_url, main_commit_url=pushed.main_commit_url,
+                  message=f"pushed to {pushed.repo_id} {where}: {pushed.main_commit_url or pushed.branch_commit_url}")
+    update_last(cfg.output_dir, run, hub={"repo": pushed.repo_id, "branch": pushed.branch,
+                                          "branch_commit": pushed.branch_commit_oid, "main_commit": pushed.main_commit_oid})
+    create_link_artifact(key="hub-commit", link=result["commit_url"], link_text=f"{pushed.repo_id}@{pushed.branch}",
+                         description=f"Adapter bundle {run} on the Hub ({pushed.endpoint})")
     log.info("%s", result["message"])
     return result

@@ -1,15 +1,26 @@
 """A small in-memory server that speaks the Hugging Face Hub's HTTP protocol, as `huggingface_hub` uses it.
 
-Enough for the real client to push and pull a model repo with regular (non-LFS) files:
+Enough for the real client to push and pull a model repo with regular (non-LFS) files, on any branch:
 
     GET  /api/whoami-v2                                   who the token belongs to
     POST /api/repos/create                                create a repo (409 if it exists)
     POST /api/validate-yaml                               model card metadata check (YAML must parse)
     POST /api/models/{repo}/preupload/{rev}               upload mode of each file: always "regular"
-    POST /api/models/{repo}/commit/{rev}                  NDJSON commit: header + base64 files
+    POST /api/models/{repo}/commit/{rev}                  NDJSON commit: header (parentCommit: 412 if the
+                                                          branch moved), base64 files, deletedFile/deletedFolder
+    POST /api/models/{repo}/branch/{branch}               create a branch; JSON {"startingPoint": rev}, default
+                                                          main's head (409 if it exists, 400 for a bad name)
+    POST /api/models/{repo}/tag/{rev}                     tag a revision; JSON {"tag": name, "message": ...}
+    GET  /api/models/{repo}/refs                          branches and tags with their commits
     GET  /api/models/{repo}[/revision/{rev}]              model info (sha, private, siblings)
-    GET  /api/models/{repo}/tree/{rev}                    file listing
+    GET  /api/models/{repo}/tree/{rev}[/{path}]           file listing
+    POST /api/models/{repo}/paths-info/{rev}              form `paths`: oid and size of those files
     HEAD|GET /{repo}/resolve/{rev}/{path}                 file metadata (X-Repo-Commit, ETag) and content
+
+A revision is a branch, a tag or a full commit oid. The client URL-encodes revisions and branch names
+(`release/x` arrives as `release%2Fx`); routes match the encoded segment and decode it. A repo starts with one
+commit on main holding `.gitattributes`, as on the Hub; `HubServer(initial_commit=False)` starts repos empty
+(no main until the first commit to it), as some self-hosted servers do.
 
 Auth: every request with an `Authorization: Bearer ...` header must carry one of `tokens` (else 401); writes
 need one; private repos are invisible (404) without one. `fail(method, pattern, [500, 500])` makes the next
@@ -55,16 +66,23 @@ class Repo:
     owner: str
     commits: list[Commit] = field(default_factory=list)
     refs: dict[str, str] = field(default_factory=dict)  # branch -> commit oid
+    tags: dict[str, str] = field(default_factory=dict)  # tag -> commit oid
 
     def resolve(self, rev: str) -> Commit | None:
-        oid = self.refs.get(rev, rev)
+        oid = self.refs.get(rev) or self.tags.get(rev) or rev
         return next((c for c in self.commits if c.oid == oid), None)
 
 
+UNBORN = Commit(oid="0" * 40, summary="", description="", files={})  # main of an empty repo, before its commit
+# git check-ref-format, roughly, plus the Hub's rule that branches never live under refs/.
+BAD_REF = re.compile(r"^refs/|^/|/$|//|\.\.|@\{|[\x00-\x20~^:?*\[\\\x7f]|\.lock(/|$)|^\.|/\.|^@$")
+
+
 class HubServer:
-    def __init__(self, tokens: dict[str, str] | set[str], host: str = "127.0.0.1"):
+    def __init__(self, tokens: dict[str, str] | set[str], host: str = "127.0.0.1", initial_commit: bool = True):
         # token -> user name (a set of tokens all belong to user "you")
         self.tokens = dict(tokens) if isinstance(tokens, dict) else {t: "you" for t in tokens}
+        self.initial_commit = initial_commit
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, int]] = []
         self._failures: list[tuple[str, re.Pattern, list[int]]] = []
@@ -103,6 +121,10 @@ class HubServer:
             ("POST", r"/api/validate-yaml", self.validate_yaml),
             ("POST", rf"/api/models/{REPO}/preupload/{REV}", self.preupload),
             ("POST", rf"/api/models/{REPO}/commit/{REV}", self.commit),
+            ("POST", rf"/api/models/{REPO}/branch/(?P<branch>[^/]+)", self.create_branch),
+            ("POST", rf"/api/models/{REPO}/tag/{REV}", self.create_tag),
+            ("GET", rf"/api/models/{REPO}/refs", self.list_refs),
+            ("POST", rf"/api/models/{REPO}/paths-info/{REV}", self.paths_info),
             ("GET", rf"/api/models/{REPO}/tree/{REV}(?:/(?P<path>.*))?", self.tree),
             ("GET", rf"/api/models/{REPO}/revision/{REV}", self.model_info),
             ("GET", rf"/api/models/{REPO}", self.model_info),
@@ -117,14 +139,17 @@ class HubServer:
                     return fn(user=user, body=body, query=query, **args)
         return 404, {}, {"error": f"no route for {method} {path}"}
 
-    def _repo(self, repo: str, user: str | None, rev: str | None = None):
-        """(Repo, Commit) or an error response: missing and invisible private repos are both 404."""
+    def _repo(self, repo: str, user: str | None, rev: str | None = None, unborn_ok: bool = False):
+        """(Repo, Commit) or an error response: missing and invisible private repos are both 404.
+        `unborn_ok`: main of an empty repo resolves to an empty commit (a first commit can land there)."""
         r = self.repos.get(repo)
         if r is None or (r.private and user != r.owner):
             return None, (404, {"X-Error-Code": "RepoNotFound"}, {"error": "Repository not found"})
         if rev is None:
             return (r, None), None
         commit = r.resolve(rev)
+        if commit is None and unborn_ok and rev == "main" and "main" not in r.refs:
+            commit = UNBORN
         if commit is None:
             return None, (404, {"X-Error-Code": "RevisionNotFound"}, {"error": f"Invalid rev id: {rev}"})
         return (r, commit), None
@@ -148,10 +173,11 @@ class HubServer:
             return 409, {}, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
         private = req.get("visibility", "public") == "private" or bool(req.get("private"))
         repo = Repo(repo_id, private=private, owner=user)
-        initial = Commit(oid=hashlib.sha1(repo_id.encode()).hexdigest(), summary="initial commit", description="",
-                         files={".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
-        repo.commits.append(initial)
-        repo.refs["main"] = initial.oid
+        if self.initial_commit:
+            initial = Commit(oid=hashlib.sha1(repo_id.encode()).hexdigest(), summary="initial commit", description="",
+                             files={".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
+            repo.commits.append(initial)
+            repo.refs["main"] = initial.oid
         self.repos[repo_id] = repo
         return 200, {}, {"url": f"{self.url}/{repo_id}", "name": repo_id, "id": repo_id}
 
@@ -167,7 +193,7 @@ class HubServer:
         return 200, {}, {"errors": [], "warnings": []}
 
     def preupload(self, user, body, repo, rev, **_):
-        found, error = self._repo(repo, user, rev)
+        found, error = self._repo(repo, user, rev, unborn_ok=True)
         if error:
             return error
         _, commit = found
@@ -179,27 +205,103 @@ class HubServer:
     def commit(self, user, body, repo, rev, **_):
         if user is None:
             return 401, {}, {"error": "Invalid credentials in Authorization header"}
-        found, error = self._repo(repo, user, rev)
+        found, error = self._repo(repo, user, rev, unborn_ok=True)
         if error:
             return error
         r, parent = found
         if user != r.owner:
             return 403, {}, {"error": "You don't have write access to this repo"}
+        if rev not in r.refs and parent is not UNBORN:  # a tag or a commit oid: the Hub commits to branches only
+            return 400, {}, {"error": f"Invalid rev id: {rev} is not a branch"}
         lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
         header = next(item["value"] for item in lines if item["key"] == "header")
+        if header.get("parentCommit") not in (None, parent.oid):
+            return 412, {}, {"error": "A commit has happened since. Please refresh and try again."}
         files = dict(parent.files)
         for item in lines:
-            if item["key"] == "file":
-                files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-            elif item["key"] == "deletedFile":
-                files.pop(item["value"]["path"], None)
-            elif item["key"] != "header":
-                return 400, {}, {"error": f"this test server does not support {item['key']!r} operations"}
-        oid = hashlib.sha1(json.dumps([parent.oid, header, sorted((p, git_blob_sha(d)) for p, d in files.items())])
-                           .encode()).hexdigest()
+            key, path = item["key"], item["value"].get("path", "")
+            if key == "file":
+                files[path] = base64.b64decode(item["value"]["content"])
+            elif key in ("deletedFile", "deletedFolder"):
+                if key == "deletedFile":
+                    doomed = [path] if path in files else []
+                else:
+                    doomed = [p for p in files if p.startswith(path.rstrip("/") + "/")]
+                if not doomed:
+                    message = f"A file with this name doesn't exist: {path}"
+                    return 404, {"X-Error-Code": "EntryNotFound"}, {"error": message}
+                for p in doomed:
+                    del files[p]
+            elif key != "header":
+                return 400, {}, {"error": f"this test server does not support {key!r} operations"}
+        oid = hashlib.sha1(json.dumps([len(r.commits), parent.oid, header,
+                                       sorted((p, git_blob_sha(d)) for p, d in files.items())]).encode()).hexdigest()
         r.commits.append(Commit(oid, header["summary"], header.get("description", ""), files))
         r.refs[rev] = oid
         return 200, {}, {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+
+    def create_branch(self, user, body, repo, branch, **_):
+        if user is None:
+            return 401, {}, {"error": "Invalid credentials in Authorization header"}
+        found, error = self._repo(repo, user)
+        if error:
+            return error
+        r, _ = found
+        if user != r.owner:
+            return 403, {}, {"error": "You don't have write access to this repo"}
+        if BAD_REF.search(branch):
+            return 400, {}, {"error": f"Invalid reference for a branch: {branch}"}
+        if branch in r.refs:
+            return 409, {}, {"error": f"Reference already exists: refs/heads/{branch}"}
+        start = (json.loads(body) if body else {}).get("startingPoint") or "main"
+        commit = r.resolve(start)
+        if commit is None:
+            return 404, {"X-Error-Code": "RevisionNotFound"}, {"error": f"Invalid rev id: {start}"}
+        r.refs[branch] = commit.oid
+        return 200, {}, {}
+
+    def create_tag(self, user, body, repo, rev, **_):
+        if user is None:
+            return 401, {}, {"error": "Invalid credentials in Authorization header"}
+        found, error = self._repo(repo, user, rev)
+        if error:
+            return error
+        r, commit = found
+        if user != r.owner:
+            return 403, {}, {"error": "You don't have write access to this repo"}
+        tag = json.loads(body)["tag"]
+        if BAD_REF.search(tag):
+            return 400, {}, {"error": f"Invalid reference for a tag: {tag}"}
+        if tag in r.tags:
+            return 409, {}, {"error": f"Reference already exists: refs/tags/{tag}"}
+        r.tags[tag] = commit.oid
+        return 200, {}, {}
+
+    def list_refs(self, user, repo, query, **_):
+        found, error = self._repo(repo, user)
+        if error:
+            return error
+        r, _ = found
+        ref = lambda kind, name, oid: {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": oid}  # noqa: E731
+        out = {"branches": [ref("heads", n, o) for n, o in sorted(r.refs.items())], "converts": [],
+               "tags": [ref("tags", n, o) for n, o in sorted(r.tags.items())]}
+        if query.get("include_prs"):
+            out["pullRequests"] = []
+        return 200, {}, out
+
+    def paths_info(self, user, body, repo, rev, **_):
+        found, error = self._repo(repo, user, rev)
+        if error:
+            return error
+        _, commit = found
+        out = []
+        for path in parse_qs(body.decode()).get("paths", []):
+            if path in commit.files:
+                data = commit.files[path]
+                out.append({"type": "file", "path": path, "size": len(data), "oid": git_blob_sha(data)})
+            elif any(p.startswith(path.rstrip("/") + "/") for p in commit.files):
+                out.append({"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()})
+        return 200, {}, out
 
     def model_info(self, user, repo, rev="main", **_):
         found, error = self._repo(repo, user, rev)

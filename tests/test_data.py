@@ -129,3 +129,23 @@ def test_dataset_is_arrow_with_both_splits(tmp_path, good_rows):
     assert len(dsd["train"]) + len(dsd["eval"]) == len(good_rows)
     assert len(dsd["eval"]) > 0
     assert dsd["train"].cache_files  # memory-mapped Arrow files, not an in-memory table
+
+
+def test_shipped_data_keeps_the_evaluation_sets_apart_from_training():
+    """quotes.csv is >= 1,000 rows; golden.csv and probes.csv (>= 60 prompts) share no prompt with it, and no
+    training or golden prompt is about a topic reserved for the unseen-topic probes (data/README.md)."""
+    import re
+
+    from tests.conftest import ROOT
+
+    quotes, golden, probes = (load_quotes(ROOT / "data" / f"{name}.csv") for name in ("quotes", "golden", "probes"))
+    assert len(quotes) >= 1000 and len(golden) >= 60 and len(probes) >= 60
+    users = [set(df["user"].str.strip().str.lower()) for df in (quotes, golden, probes)]
+    assert not users[0] & users[1] and not users[0] & users[2] and not users[1] & users[2]
+    reserved = re.compile(r"\b(dentists?|tooth|teeth|cars?|driv(?:e|er|ing)|traffic|parking|bikes?|bicycles?|cycling|"
+                          r"swim\w*|pools?|airports?|flights?|planes?|zoos?|lottery|casinos?|insurance|taxes|plumb\w*|"
+                          r"recycl\w*|hik(?:e|ing)|mountains?|planets?|moon|astronom\w*|vitamins?|supplements?|"
+                          r"parcels?|roller coasters?|theme parks?|karaoke)\b", re.I)
+    hits = [u for df in (quotes, golden) for u in df["user"] if reserved.search(u)]
+    assert hits == []
+    assert sum(bool(reserved.search(u)) for u in probes["user"]) >= 40  # the probes are about those topics

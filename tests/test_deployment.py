@@ -22,13 +22,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import QUOTES, ROOT
+from tests.conftest import QUOTES, ROOT, TINY_EVAL_SETS
 
 # Tiny settings: two optimizer steps, 10 held-out rows (eval_fraction 0.03 of 342), short replies. Plain LoRA
 # (load_in_4bit=False): these tests are about orchestration; the QLoRA path is covered by tests/test_flow.py,
 # and 4-bit generation in the evaluation is several times slower on a CPU.
+# force_promote: two steps are not meant to pass the release gate (tests/test_release.py); 8-row evaluation sets.
 TINY = dict(max_steps=2, micro_batch_size=2, grad_accum=1, num_samples=1, max_new_tokens=16, load_in_4bit=False,
-            eval_fraction=0.03)
+            eval_fraction=0.03, force_promote=True, golden_csv=TINY_EVAL_SETS["golden_csv"])
 FINETUNE = "finetune/personatune"
 WATCHER = "watch-quotes/every-5-minutes"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -242,8 +243,7 @@ def start_stack(tmp_path_factory, tag: str) -> Stack:
         stack.wait_ready()
         # The watcher's 5-minute schedule stays paused in tests (runs are started by hand), and both
         # deployments point at the temp CSV and outputs, never at the repository's.
-        if "probes_csv" in stack.deployment(FINETUNE)["parameter_openapi_schema"]["properties"]:
-            stack.tiny["probes_csv"] = ""  # no probe generations in tests: a few minutes less of CPU
+        stack.tiny["probes_csv"] = ""  # no probe generations in tests: a few minutes less of CPU
         stack.pause_schedules(WATCHER)
         stack.set_defaults(WATCHER, {"quotes_csv": str(work / "quotes.csv"), "output_dir": str(work / "outputs")})
         stack.set_defaults(FINETUNE, {"quotes_csv": str(work / "quotes.csv"), "output_dir": str(work / "outputs"),

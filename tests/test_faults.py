@@ -16,6 +16,7 @@ import torch
 from tests.conftest import ROOT, write_csv
 
 FAST = ["--micro-batch-size", "4", "--grad-accum", "1", "--num-samples", "0", "--probes-csv", "",
+        "--golden-csv", str(ROOT / "tests" / "data" / "golden_small.csv"), "--force-promote",
         "--max-new-tokens", "8", "--eval-fraction", "0.2"]
 
 

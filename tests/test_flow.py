@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUOTES
+from tests.conftest import QUOTES, TINY_EVAL_SETS
 
-TINY = dict(max_steps=2, micro_batch_size=2, grad_accum=1, num_samples=1, max_new_tokens=16, eval_fraction=0.03)
+# force_promote: two steps of training are not meant to pass the release gate (tests/test_release.py tests it)
+TINY = dict(max_steps=2, micro_batch_size=2, grad_accum=1, num_samples=1, max_new_tokens=16, eval_fraction=0.03,
+            force_promote=True, **TINY_EVAL_SETS)
+STAGES = ("validate", "tokenize", "build_model", "train", "score", "evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +46,17 @@ def test_flow_writes_a_complete_bundle(first_run):
     run_dir = Path(summary["run_dir"])
     names = {p.name for p in run_dir.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "training_config.json",
-            "eval.json", "report.md", ".complete"} <= names
+            "eval.json", "report.md", "generation_config.json", "release.json", "data_rows.json", ".complete"} <= names
     assert (Path(params["output_dir"]) / "latest").resolve() == run_dir.resolve()
-    assert summary["stages"] == {s: "ran" for s in ("validate", "tokenize", "build_model", "train", "evaluate")}
+    assert summary["stages"] == {s: "ran" for s in STAGES}
     ev = json.loads((run_dir / "eval.json").read_text())
     assert ev["training"]["steps"] == 2 and ev["eval_rows"] >= 5
+    assert set(ev["metrics"]) == {"base", "challenger"}  # no champion before the first release
+    assert ev["golden_rows"] == 8 and ev["probe_prompts"] == 8
+    gen = json.loads((run_dir / "generation_config.json").read_text())
+    assert gen["repetition_penalty"] == 1.1 and gen["stop_strings"] == ["###"] and gen["do_sample"] is False
+    rows = json.loads((run_dir / "data_rows.json").read_text())
+    assert len(rows) == len(QUOTES.read_text().splitlines()) - 1
     assert ev["eval_loss"]["base"] > 0 and ev["eval_loss"]["tuned"] > 0
     assert ev["eval_loss"]["tuned"] != ev["eval_loss"]["base"]  # the adapter changed the model
     cfg = json.loads((run_dir / "training_config.json").read_text())
@@ -61,9 +70,12 @@ def test_saved_adapter_reloads_and_stops_before_next_turn(first_run, base_model_
     from personatune.model import load_qlora_model
 
     _, summary = first_run
+    from personatune.decoding import load_decoding
+
     model = load_qlora_model(base_model_dir, FinetuneConfig(), adapter_dir=summary["run_dir"], trainable=False)
+    decoding = load_decoding(summary["run_dir"])
     out = generate_reply(model, tokenizer, "Respond as Wednesday Addams: deadpan and morbid.",
-                         "Do you like sunny days?", max_new_tokens=48)
+                         "Do you like sunny days?", decoding)
     assert out["reply"] and "###" not in out["reply"] and "User:" not in out["reply"]
     if out["ended_by"] == "marker":  # stopped during generation: nothing generated after the marker
         assert out["raw"].rstrip().endswith("###") or out["raw"].rstrip().endswith("###\n")
@@ -76,9 +88,12 @@ def test_second_run_is_cached_and_fast(first_run):
     start = time.monotonic()
     summary = finetune(**params)
     elapsed = time.monotonic() - start
-    assert summary["stages"] == {s: "cached" for s in ("validate", "tokenize", "build_model", "train", "evaluate")}
+    assert summary["stages"] == {s: "cached" for s in STAGES}
     assert elapsed < 60
     assert summary["eval_loss"] == first_run[1]["eval_loss"]
+    # the champion's own adapter again: judged as it was (nothing re-evaluated), promoted, and no data changed
+    assert summary["verdict"] == first_run[1]["verdict"] and summary["verdict"]["promoted"]
+    assert (summary["diff"]["added"], summary["diff"]["removed"], summary["diff"]["edited"]) == (0, 0, 0)
 
 
 def test_changed_row_reruns_from_validation(first_run):
@@ -127,18 +142,30 @@ def test_evaluation_is_deterministic_and_reports_persona_metrics(first_run, tmp_
     from personatune.config import from_mapping
     from personatune.evaluate import evaluate_adapter
 
+    from personatune.evaluate import score_adapter
+
     params, summary = first_run
     dirs = json.loads((Path(summary["run_dir"]) / "training_config.json").read_text())["stage_dirs"]
-    again = evaluate_adapter(from_mapping(params), base_model_dir, dirs["adapter"], dirs["tokenized"],
-                             dirs["dataset"], tmp_path / "eval")
+    cfg = from_mapping(params)
+    scores = {"base": score_adapter(cfg, base_model_dir, None, tmp_path / "base"),
+              "challenger": score_adapter(cfg, base_model_dir, dirs["adapter"], tmp_path / "challenger")}
+    for role, path in scores.items():  # scoring again from scratch gives the flow's scores, reply for reply
+        assert json.loads((path / "scores.json").read_text())["sets"] == \
+            json.loads((Path(dirs["scores"][role]) / "scores.json").read_text())["sets"]
+    again = evaluate_adapter(cfg, base_model_dir, dirs["adapter"], dirs["tokenized"], dirs["dataset"], scores,
+                             tmp_path / "eval")
     first = json.loads((Path(summary["run_dir"]) / "eval.json").read_text())
     second = json.loads((again / "eval.json").read_text())
     assert first == second
-    for name in ("base", "tuned"):
-        p = first["persona"][name]
-        assert -1 <= p["similarity_heldout"] <= 1 and 0 <= p["run_on_rate"] <= 1 and p["replies"] == first["eval_rows"] + 24
+    for role in ("base", "challenger"):
+        m = first["metrics"][role]
+        assert -1 <= m["persona_similarity"] <= 1 and 0 <= m["run_on_rate"] <= 1 and 0 <= m["loop_rate"] <= 1
+        assert m["golden_loss"] > 0 and 0 <= m["probes"]["wins_vs_base"] <= 1
+    assert first["metrics"]["base"]["probes"]["wins_vs_base"] == 0  # the base never beats itself
+    assert first["metrics"]["challenger"]["golden_loss"] != first["metrics"]["base"]["golden_loss"]
     assert (Path(summary["run_dir"]) / "eval_plot.png").stat().st_size > 10_000
-    assert "persona similarity" in (Path(summary["run_dir"]) / "report.md").read_text()
+    report = (Path(summary["run_dir"]) / "report.md").read_text()
+    assert "persona similarity" in report and "unseen-topic probes: loop rate" in report and "Release verdict" in report
 
 
 def test_evaluate_command_takes_an_adapter_folder(first_run, tmp_path):
@@ -150,13 +177,14 @@ def test_evaluate_command_takes_an_adapter_folder(first_run, tmp_path):
     params, summary = first_run
     out = tmp_path / "eval"
     proc = subprocess.run([sys.executable, "-m", "flows.evaluate", "--adapter", summary["run_dir"], "--quotes-csv",
-                           params["quotes_csv"], "--eval-fraction", str(params["eval_fraction"]), "--probes-csv", "", "--max-new-tokens", "8", "--out", str(out)],
+                           params["quotes_csv"], "--eval-fraction", str(params["eval_fraction"]), "--probes-csv", "",
+                           "--golden-csv", params["golden_csv"], "--max-new-tokens", "8", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ev = json.loads((out / "eval.json").read_text())
     flow_ev = json.loads((Path(summary["run_dir"]) / "eval.json").read_text())
     assert ev["eval_loss"] == flow_ev["eval_loss"]  # same adapter, same held-out split, same numbers
-    assert ev["probe_prompts"] == 0 and "held-out loss" in proc.stdout
+    assert ev["probe_prompts"] == 0 and ev["golden_rows"] == 8 and "golden loss" in proc.stdout
 
 
 def test_task_runs_are_named_after_their_cache_folders(first_run):
@@ -173,7 +201,7 @@ def test_task_runs_are_named_after_their_cache_folders(first_run):
             return {t.name for t in await client.read_task_runs()}
 
     seen = asyncio.run(names())
-    for stage in ("validate", "tokenize", "build_model", "train", "evaluate"):
+    for stage in STAGES:
         folders = [p.name for p in (cache / stage).iterdir() if p.is_dir() and not p.name.startswith(".")
                    and not p.name.endswith(".checkpoints")]
         assert folders and any(f"{stage}-{f[:10]}" in seen for f in folders), (stage, folders, sorted(seen)[:20])
@@ -193,11 +221,17 @@ def test_evaluation_without_persona_similarity_needs_no_embedding_model(first_ru
     monkeypatch.setattr(metrics, "embedder", unavailable)
     params, summary = first_run
     dirs = json.loads((Path(summary["run_dir"]) / "training_config.json").read_text())["stage_dirs"]
+    from personatune.evaluate import score_adapter
+
     cfg = from_mapping({**params, "persona_similarity": False, "probes_csv": "", "max_new_tokens": 8})
-    out = evaluate_adapter(cfg, base_model_dir, dirs["adapter"], dirs["tokenized"], dirs["dataset"], tmp_path / "eval")
+    scores = {role: score_adapter(cfg, base_model_dir, path, tmp_path / role)
+              for role, path in (("base", None), ("challenger", dirs["adapter"]))}
+    out = evaluate_adapter(cfg, base_model_dir, dirs["adapter"], dirs["tokenized"], dirs["dataset"], scores, tmp_path / "eval")
     ev = json.loads((out / "eval.json").read_text())
     assert ev["eval_loss"] == json.loads((Path(summary["run_dir"]) / "eval.json").read_text())["eval_loss"]
-    assert all(ev["persona"][k]["similarity_heldout"] is None for k in ("base", "tuned"))
-    assert "persona similarity | skipped" in (out / "report.md").read_text()
+    assert all(ev["metrics"][k]["persona_similarity"] is None for k in ("base", "challenger"))
+    assert "| persona similarity (golden + unseen probes) | n/a | n/a |" in (out / "report.md").read_text()
     assert (out / "eval_plot.png").stat().st_size > 10_000
-    assert "Persona similarity: skipped" in format_summary({**ev, "run_dir": "x", "stages": {}, "samples": []})
+    verdict = {"reason": "x", "promoted": True}
+    assert "Persona similarity: base n/a -> challenger n/a" in format_summary(
+        {**ev, "run_dir": "x", "stages": {}, "samples": [], "verdict": verdict})

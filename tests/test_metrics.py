@@ -29,3 +29,18 @@ def test_reply_stats_counts_run_ons_and_repetition():
     assert stats["run_on_rate"] == 0.5  # one wrote a marker, one hit the limit
     assert stats["mean_words"] == (1 + 4 + 4 + 1) / 4
     assert distinct_n(["a a a a"], 1) == 0.25 and distinct_n(["a b c"], 2) == 1.0
+
+
+def test_loops_are_repeated_trigrams_or_the_token_limit():
+    from personatune.metrics import loops
+
+    def gen(reply, ended_by="eos"):
+        return {"reply": reply, "raw": reply, "new_tokens": 10, "ended_by": ended_by}
+
+    assert loops(gen("I'll tell you what to say. I'll tell you what to say. I'll tell you what to say."))
+    assert loops(gen("a movie about a woman who is a woman who is a woman who is"))
+    assert not loops(gen("I'll be there. I'll be there for a long time."))  # twice is speech, three times a loop
+    assert not loops(gen("Funerals are honest. Weddings are funerals with cake, and cake is a lie."))
+    assert loops(gen("The rain never stops", ended_by="length"))  # hit the token limit without ending
+    stats = reply_stats([gen("No."), gen("it is it is it is it is")])
+    assert stats["loop_rate"] == 0.5

@@ -34,8 +34,13 @@ def test_packed_batch_has_masked_prompts_and_restarting_positions(tokenizer):
 
 
 def test_packed_and_padded_losses_match_in_fp32(base_model_dir, tokenizer):
+    """The NF4 weights are dequantized first (fp32 math throughout): bitsandbytes' CPU 4-bit kernel rounds
+    differently for different batch shapes on some CPUs (3e-4 relative seen on AVX-512), which is not packing."""
+    from personatune.model import dequantize_frozen_base
+
     cfg = FinetuneConfig(compute_dtype="fp32", lora_dropout=0.0)
     model = load_qlora_model(base_model_dir, cfg, trainable=False)
+    dequantize_frozen_base(model)
     with torch.no_grad():  # perturb LoRA B so the adapter is active, not the zero-init identity
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -51,14 +56,28 @@ def test_packed_and_padded_losses_match_in_fp32(base_model_dir, tokenizer):
     assert 0.5 < loss_padded < 15
 
 
-def test_dequantized_base_gives_identical_logits(base_model_dir, tokenizer):
-    """CPU inference swaps the 4-bit layers for plain ones holding the same NF4 values: nothing changes but speed."""
+def test_dequantized_base_gives_the_4bit_logits_before_or_after_a_forward_pass(base_model_dir, tokenizer):
+    """CPU inference and training swap the 4-bit layers for plain ones holding the NF4 values. On an AVX-512 CPU
+    bitsandbytes repacks each weight for its kernel on the first forward pass (block scales kept in bf16); the swap
+    must read that layout too (it once read it as the original layout: garbage logits). Fresh, the swap holds
+    exactly the values bitsandbytes dequantizes; after a pass, the codes exactly and the scales to bf16 precision."""
     from personatune.model import dequantize_frozen_base
 
-    model = load_qlora_model(base_model_dir, FinetuneConfig(), trainable=False)
     batch = tokenizer(["### Instruction:\nBe grim.\n\n### User:\nHello\n\n### Response:\n"], return_tensors="pt")
+    fresh = load_qlora_model(base_model_dir, FinetuneConfig(), trainable=False)
+    assert dequantize_frozen_base(fresh) == 30 * 7  # every q,k,v,o,gate,up,down projection of 30 layers
+    used = load_qlora_model(base_model_dir, FinetuneConfig(), trainable=False)
     with torch.no_grad():
-        before = model(**batch).logits
-        assert dequantize_frozen_base(model) == 30 * 7  # every q,k,v,o,gate,up,down projection of 30 layers
-        after = model(**batch).logits
-    assert torch.equal(before, after)
+        four_bit = used(**batch).logits  # the first pass (repacks the weights where the CPU kernel wants it)
+        dequantize_frozen_base(used)
+        after = used(**batch).logits
+        plain = fresh(**batch).logits
+    weights = lambda m: {n: p for n, p in m.named_parameters() if "proj.base_layer" in n or "proj.weight" in n}  # noqa: E731
+    assert weights(used).keys() == weights(fresh).keys() and len(weights(fresh)) == 30 * 7
+    for name, w in weights(fresh).items():  # bf16 scales: within 1% of the weight's range, never another layout
+        assert (weights(used)[name] - w).abs().max() <= 0.01 * w.abs().max(), name
+
+    def same_model(a, b):  # the next-token choice almost everywhere, logits within a few hundredths on average
+        return (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9 and (a - b).abs().mean() < 0.1
+
+    assert same_model(after, plain) and same_model(four_bit, plain)

@@ -15,11 +15,15 @@ LLAMA_7B = ModelShape(hidden=4096, layers=32, intermediate=11008, vocab=49152)
 LENGTHS = [40 + (i * 7) % 41 for i in range(300)]  # 40..80 tokens, like data/quotes.csv
 
 
-def test_cpu_auto_keeps_the_config_as_given():
+def test_cpu_auto_keeps_the_config_layout_with_the_frozen_weights_dequantized():
     cfg = FinetuneConfig()
     plan = plan_training(cfg, cuda=False)
-    assert plan.profile == "manual" and (plan.micro_batch_size, plan.grad_accum) == (cfg.micro_batch_size, cfg.grad_accum)
-    assert plan.attention == "sdpa" and not plan.lean_head
+    assert plan.profile == "cpu" and (plan.micro_batch_size, plan.grad_accum) == (cfg.micro_batch_size, cfg.grad_accum)
+    assert plan.attention == "sdpa" and not plan.lean_head and not plan.compile and plan.packing == cfg.packing
+    assert plan.dequantized_base  # the NF4 values once, instead of dequantizing them in every pass
+    assert not plan_training(cfg.replace(load_in_4bit=False), cuda=False).dequantized_base  # nothing to dequantize
+    manual = plan_training(cfg.replace(profile="manual"), cuda=False)
+    assert manual.profile == "manual" and not manual.dequantized_base
 
 
 @pytest.mark.parametrize("card", [24, 40, 80, 141])
@@ -91,10 +95,15 @@ def test_varlen_collator_marks_example_boundaries(tokenizer):
 
 
 def test_gpu_plan_model_gives_the_padded_loss_in_fp32(base_model_dir, tokenizer):
-    """apply_plan (lean head + chunked loss; varlen falls back to SDPA on CPU) on packed rows == stock padded loss."""
+    """apply_plan (lean head + chunked loss; varlen falls back to SDPA on CPU) on packed rows == stock padded loss.
+
+    The frozen weights are dequantized before any forward pass: bitsandbytes' CPU 4-bit kernel rounds differently
+    for different batch shapes on some CPUs (3e-4 relative seen here), which is not what this test is about."""
+    from personatune.model import dequantize_frozen_base
     from tests.test_packing import features
 
     model = _lora_model(base_model_dir, trainable=False)
+    dequantize_frozen_base(model)
     feats = features(tokenizer)
     with torch.no_grad():
         model.eval()

@@ -18,16 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUOTES
+from tests.conftest import QUOTES, TINY_EVAL_SETS
 from tests.hub_server import HubServer
 
 TOKEN = "hf_test_" + secrets.token_hex(12)
 BAD_TOKEN = "hf_wrong_" + secrets.token_hex(12)
 REPO = "you/wednesday-adapter"
-# A few steps at a higher learning rate so the tuned model beats base on held-out loss (the gate passes).
+# Three steps; promoted by force (the release gate itself is tests/test_release.py's subject), so every push here
+# also moves main.
 TRAIN = dict(max_steps=3, micro_batch_size=2, grad_accum=1, learning_rate=2e-3, num_samples=1, max_new_tokens=16,
-             probes_csv="")  # the probes are covered by tests/test_flow.py; keep this file fast
-STAGES = ("validate", "tokenize", "build_model", "train", "evaluate")
+             force_promote=True, **{**TINY_EVAL_SETS, "probes_csv": ""})
+STAGES = ("validate", "tokenize", "build_model", "train", "score", "evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -105,24 +106,12 @@ def assert_no_token(token: str, *, texts=(), folders=()) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
-def test_gate_decision_numbers():
-    from personatune.hub import gate_decision
-
-    better = gate_decision({"base": 4.0, "tuned": 3.0})
-    assert better.passed and better.improvement == pytest.approx(0.25)
-    assert not gate_decision({"base": 4.0, "tuned": 3.0}, min_improvement=0.3).passed
-    worse = gate_decision({"base": 4.0, "tuned": 4.2})
-    assert not worse.passed and "4.0000 -> tuned 4.2000" in worse.reason and "nothing was pushed" in worse.reason
-    assert gate_decision({"base": 4.0, "tuned": 4.2}, force=True).passed
-
-
 def test_without_a_repo_the_bundle_stays_local(local_run, hub):
     params, summary = local_run
     assert summary["stages"] == {s: "ran" for s in STAGES}
     assert summary["hub"]["status"] == "local" and "kept the bundle local" in summary["hub"]["message"]
     assert summary["hub"]["commit_url"] is None
     assert hub_requests_since(hub, 0) == []  # nothing reached the Hub
-    assert summary["eval_loss"]["tuned"] < summary["eval_loss"]["base"]  # so the gate passes in the next tests
 
 
 def test_push_then_load_back_with_peft(local_run, hub, monkeypatch, tmp_path, caplog, capfd, base_model_dir,
@@ -143,21 +132,23 @@ def test_push_then_load_back_with_peft(local_run, hub, monkeypatch, tmp_path, ca
 
     assert summary["stages"] == {s: "cached" for s in STAGES}
     result = summary["hub"]
-    assert result["status"] == "pushed", result
+    assert result["status"] == "pushed" and result["branch"] == "release/pushed", result
     repo = hub.repos[REPO]
-    head = repo.commits[-1]
+    head = repo.resolve("main")
     assert result["commit_url"] == f"{hub.url}/{REPO}/commit/{head.oid}"
-    assert f"Hub: pushed to {REPO}: {result['commit_url']}" in format_summary(summary)
+    assert f"Hub: pushed to {REPO} main and release/pushed: {result['commit_url']}" in format_summary(summary)
     assert repo.private  # private by default
-    # One commit, after the token check and the repo creation; nothing retried.
-    assert [r[:2] for r in hub_requests_since(hub, start)] == [
-        ("GET", "/api/whoami-v2"), ("POST", "/api/repos/create"), ("POST", "/api/validate-yaml"),
-        ("POST", f"/api/models/{REPO}/preupload/main"), ("POST", f"/api/models/{REPO}/commit/main")]
+    # The release branch got the bundle in one commit; promotion made main's files equal to it in one more.
+    assert repo.resolve("release/pushed").files == head.files
+    calls = hub_requests_since(hub, start)
+    assert calls[0][:2] == ("GET", "/api/whoami-v2") and all(status < 400 for *_, status in calls)
+    assert [p for m, p, _ in calls if "/commit/" in p] == [f"/api/models/{REPO}/commit/release%2Fpushed",
+                                                             f"/api/models/{REPO}/commit/main"]
     run_dir = Path(summary["run_dir"])
     training = json.loads((run_dir / "training_config.json").read_text())
     assert training["data_sha256"][:12] in head.summary and "pushed" in head.summary
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-            "training_config.json", "eval.json", "README.md"} <= set(head.files)
+            "training_config.json", "eval.json", "generation_config.json", "release.json", "README.md"} <= set(head.files)
     assert ".complete" not in head.files
 
     # Link artifact with the commit URL.
@@ -178,8 +169,10 @@ def test_push_then_load_back_with_peft(local_run, hub, monkeypatch, tmp_path, ca
     assert adapter_cfg["base_model_name_or_path"] == EMBEDDED_BASE_ON_HUB  # not a path on the training box
 
     model = load_qlora_model(base_model_dir, FinetuneConfig(), adapter_dir=str(folder), trainable=False)
+    from personatune.decoding import load_decoding
+
     out = generate_reply(model, tokenizer, "Respond as Wednesday Addams: deadpan and morbid.",
-                         "Do you like sunny days?", max_new_tokens=32)
+                         "Do you like sunny days?", load_decoding(folder))
     assert out["reply"] and "###" not in out["reply"] and "User:" not in out["reply"]
     if out["ended_by"] == "marker":
         assert out["raw"].rstrip().endswith("###")
@@ -192,10 +185,13 @@ def test_push_then_load_back_with_peft(local_run, hub, monkeypatch, tmp_path, ca
     assert {"peft", "lora", "persona"} <= set(meta["tags"])
     assert meta["dataset_sha256"] == training["data_sha256"]
     ev = json.loads((run_dir / "eval.json").read_text())
-    assert meta["personatune"]["eval_loss"] == ev["eval_loss"]
+    assert meta["personatune"]["eval_loss"] == {k: ev["eval_loss"][k] for k in ("base", "tuned")}
+    golden = ev["metrics"]["challenger"]["golden_loss"]
     assert card.data.eval_results[0].metric_type == "loss"
-    assert card.data.eval_results[0].metric_value == pytest.approx(ev["eval_loss"]["tuned"], abs=1e-6)
-    assert f"{ev['eval_loss']['base']:.4f} | {ev['eval_loss']['tuned']:.4f}" in card.text
+    assert card.data.eval_results[0].metric_value == pytest.approx(golden, abs=1e-6)
+    assert f"| {ev['metrics']['base']['golden_loss']:.4f} | {golden:.4f} |" in card.text  # base | challenger
+    assert "Release verdict:" in card.text and "## Release history" in card.text
+    assert "GenerationConfig.from_pretrained" in card.text
     assert "### Instruction:\n{instruction}\n\n### User:\n{user}\n\n### Response:\n" in card.text
     snippet = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
                f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{EMBEDDED_BASE_ON_HUB}"), '
@@ -224,11 +220,11 @@ def test_push_retries_5xx_with_backoff_and_reads_the_secret_block(local_run, hub
     elapsed = time.monotonic() - t0
 
     assert summary["hub"]["status"] == "pushed"
-    commits = [r[2] for r in hub_requests_since(hub, start) if r[1].endswith("/commit/main")]
-    assert commits == [500, 500, 200]
+    commits = [r[2] for r in hub_requests_since(hub, start) if "/commit/" in r[1]]
+    assert commits == [500, 500, 200, 200]  # the branch commit twice refused, then branch and main
     assert len(hub.calls("GET", "/api/whoami-v2")) >= 3  # each retry re-runs the whole push task
-    assert len(hub.repos[REPO].commits) == commits_before + 1  # exactly one new commit
-    assert "retried" in hub.repos[REPO].commits[-1].summary
+    assert len(hub.repos[REPO].commits) == commits_before + 2  # exactly one on the branch, one on main
+    assert "retried" in hub.repos[REPO].resolve("main").summary
     assert elapsed >= 2 + 4 * 0.8  # backoff 2 s, then 4 s (20% jitter)
     assert "Prefect Secret block 'hf-token-test'" in caplog.text
     assert_no_token(TOKEN, texts=[caplog.text, prefect_logs_and_artifacts()])
@@ -255,18 +251,27 @@ def test_bad_token_fails_fast_with_a_clear_message_and_no_leak(local_run, hub, m
         assert_no_token(token, texts=texts, folders=[params["output_dir"], os.environ["PREFECT_HOME"]])
 
 
-def test_gate_blocks_a_push_that_does_not_beat_base_enough(local_run, hub, monkeypatch):
+def test_a_rejected_run_lands_on_its_branch_and_main_keeps_the_champion(local_run, hub, monkeypatch):
+    """Release gate on the Hub: a demand no training can meet (golden loss 99% below the base's) rejects the run
+    (the cached adapter is the champion's own, so it is judged as a first release, against the base): its bundle goes
+    to release/<run> only, outputs/latest stays; --force-promote moves both."""
     params, _ = local_run
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    start = len(hub.requests)
-    summary = run_flow(params, run_name="gated", hub_repo="you/gated-adapter", push_min_improvement=0.99)
-    assert summary["hub"]["status"] == "gated"
-    assert "gate failed" in summary["hub"]["message"] and "nothing was pushed" in summary["hub"]["message"]
-    assert hub_requests_since(hub, start) == [] and "you/gated-adapter" not in hub.repos
+    live = (Path(params["output_dir"]) / "latest").resolve()
+    summary = run_flow(params, run_name="gated", hub_repo="you/gated-adapter", force_promote=False,
+                       min_improvement_over_base=0.99)
+    assert not summary["verdict"]["promoted"] and "golden loss" in summary["verdict"]["reason"]
+    assert summary["hub"]["status"] == "branch" and "main keeps the champion" in summary["hub"]["message"]
+    repo = hub.repos["you/gated-adapter"]
+    assert "adapter_model.safetensors" in repo.resolve("release/gated").files
+    assert "adapter_model.safetensors" not in repo.resolve("main").files
+    assert (Path(params["output_dir"]) / "latest").resolve() == live
 
-    forced = run_flow(params, run_name="forced", hub_repo="you/gated-adapter", push_min_improvement=0.99,
-                      force_push=True, hub_private=False)
-    assert forced["hub"]["status"] == "pushed" and not hub.repos["you/gated-adapter"].private
+    forced = run_flow(params, run_name="forced", hub_repo="you/gated-adapter", force_promote=True,
+                      min_improvement_over_base=0.99)
+    assert forced["verdict"]["promoted"] and forced["verdict"]["forced"]
+    assert forced["hub"]["status"] == "pushed" and (Path(params["output_dir"]) / "latest").resolve().name == "forced"
+    assert repo.resolve("main").files["adapter_model.safetensors"] == repo.resolve("release/forced").files["adapter_model.safetensors"]
 
 
 def test_hub_errors_say_what_to_fix(env, hub, tmp_path):
