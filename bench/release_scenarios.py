@@ -61,14 +61,21 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/personatune-scenarios")
     ap.add_argument("--out", default=str(ROOT / "bench/results/release_scenarios.json"))
     ap.add_argument("--reuse-cache", default="")
+    ap.add_argument("--keep-cache", action="store_true",
+                    help="keep --work's stage cache (same CSV paths: cache hits), start with no bundles or releases")
     args = ap.parse_args()
 
     from tests.hub_server import HubServer
 
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     out = work / "outputs"
+    if args.keep_cache and (out / ".cache").is_dir():
+        for path in [*work.iterdir(), *out.iterdir()]:
+            if path not in (out, out / ".cache"):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     if args.reuse_cache:
         shutil.copytree(Path(args.reuse_cache) / ".cache", out / ".cache")
     csvs = datasets(work)

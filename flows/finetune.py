@@ -32,7 +32,7 @@ from tasks.data import tokenize_quotes, validate_quotes
 from tasks.evaluate import adapter_sha256, evaluate_lora, score_model
 from tasks.model import build_qlora_model, resolve_base
 from tasks.publish import publish_bundle, push_to_hub
-from tasks.release import find_champion, judge_challenger, release_bundle
+from tasks.release import find_champion, judge_challenger, pending_entry, release_bundle, same_adapter
 from tasks.train import train_lora
 
 
@@ -46,33 +46,33 @@ def finetune(**params) -> dict:
     base = resolve_base(cfg.base_model, cfg.base_revision)
     model = {"base_model": base["path"], "model_fingerprint": base["fingerprint"]}
     csv_sha256 = file_sha256(cfg.quotes_csv)
-    champion = find_champion(config)  # the live adapter: outputs/latest, else the Hub repo's main; None at first
+    champion = find_champion(config, base["fingerprint"])  # the live adapter (outputs/latest or the Hub's main)
 
     # 1. data -> 2. tokens -> 3. QLoRA model -> 4. training -> 5. evaluation (base, champion, challenger) -> release
     dataset_dir = validate_quotes(stages, config=config, quotes_csv=cfg.quotes_csv, csv_sha256=csv_sha256)
     tokenized_dir = tokenize_quotes(stages, config=config, dataset_dir=dataset_dir, **model)
     model_dir = build_qlora_model(stages, config=config, **model)
     adapter_dir = train_lora(stages, config=config, init_adapter=model_dir, tokenized_dir=tokenized_dir, **model)
-    if champion and adapter_sha256(champion) == adapter_sha256(adapter_dir):
-        champion_scored = None  # a re-run that trained the champion's own adapter: judged as it was (all cached)
-    else:
-        champion_scored = champion
+    # an unchanged re-run trains the champion's own adapter: nothing to compare (and everything stays cached)
+    rival = None if not champion or same_adapter(champion["path"], adapter_dir) else champion["path"]
     eval_sets = {"golden": file_sha256(cfg.golden_csv), "probes": file_sha256(cfg.probes_csv)}
     scores = {role: score_model(stages if role == "challenger" else None, config=config, adapter_dir=path,
                                 adapter_sha256=adapter_sha256(path), eval_sha256=eval_sets, **model)
-              for role, path in (("base", None), ("champion", champion_scored), ("challenger", adapter_dir))
+              for role, path in (("base", None), ("champion", rival), ("challenger", adapter_dir))
               if role == "base" or path}
     eval_dir = evaluate_lora(stages, config=config, adapter_dir=adapter_dir, tokenized_dir=tokenized_dir,
-                             dataset_dir=dataset_dir, scores=scores, champion_dir=champion_scored, **model)
-    release = judge_challenger(config, eval_dir, dataset_dir, champion)
+                             dataset_dir=dataset_dir, scores=scores, champion_dir=rival, **model)
+    release = judge_challenger(config, eval_dir, dataset_dir, champion, adapter_dir)
     provenance = {"data_sha256": csv_sha256, "base_model_fingerprint": base["fingerprint"],
                   "code_version": code_version(), "stages": stages, "eval_sets_sha256": eval_sets,
                   "stage_dirs": {"dataset": dataset_dir, "tokenized": tokenized_dir, "model": model_dir,
                                  "adapter": adapter_dir, "eval": eval_dir, "scores": scores}}
     run_dir = publish_bundle(config, cfg.run_name or default_run_name(csv_sha256), adapter_dir, eval_dir, provenance,
                              release)
-    release_bundle(config, run_dir, release)  # outputs/latest moves only if promoted; event; releases.json
-    hub = push_to_hub(config, run_dir, release["verdict"]["promoted"])  # release/<run>; main only if promoted
+    # the Hub first (release/<run>; main only if promoted), then outputs/latest: a failed push moves nothing
+    hub = push_to_hub(config, run_dir, release["verdict"]["promoted"], pending_entry(run_dir, release))
+    entry = release_bundle(config, run_dir, release, hub)  # records the run; latest moves only if promoted
+    release["verdict"].update(promoted=entry["verdict"] == "promoted", reason=entry["reason"])
 
     summary = {"run_dir": run_dir, "hub": hub, "stages": stages, "verdict": release["verdict"],
                "diff": release["diff"], **json.loads((Path(eval_dir) / "eval.json").read_text())}

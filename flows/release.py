@@ -5,8 +5,10 @@
 
 `list` prints outputs/releases.json (every judged run: promoted or rejected, and rollbacks) and marks the live one
 (outputs/latest); with --hub-repo also the repo's `release/<run>` branches and which one `main` holds.
-`rollback` makes the bundle of an earlier run the champion again: outputs/latest points at it, and with --hub-repo
-the repo's `main` gets exactly that release's files (one commit). The same is the Prefect flow `rollback`,
+`rollback` makes the bundle of an earlier run the champion again: with --hub-repo the repo's `main` first gets
+exactly that release's files (one commit, retried on transient errors), then outputs/latest points at the local
+bundle; a release that exists only on the Hub removes outputs/latest, so the next run takes the Hub's main as
+its champion. The same is the Prefect flow `rollback`,
 deployed from prefect.yaml as `rollback/personatune-release`, so it can be run from the UI. The token for the Hub comes
 from HF_TOKEN, the Prefect Secret block `hf-token` or `hf auth login`, as for publishing.
 """
@@ -18,12 +20,29 @@ import sys
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from prefect import flow  # noqa: E402
-from prefect.logging import get_run_logger  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from personatune.release import champion_bundle, read_log, rollback  # noqa: E402
+from prefect import flow, task  # noqa: E402
+from prefect.logging import get_run_logger  # noqa: E402
+from prefect.tasks import exponential_backoff  # noqa: E402
+
+from personatune.files import COMPLETE_MARKER  # noqa: E402
+from personatune.release import champion_bundle, forget_champion, read_log, rollback  # noqa: E402
+from tasks.publish import retry_if_transient, hub_token  # noqa: E402
 
 RELEASE_PREFIX = "release/"
+
+
+@task(name="rollback_hub", retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+      retry_jitter_factor=0.2, retry_condition_fn=retry_if_transient)
+def rollback_on_hub(hub_repo: str, run: str) -> dict:
+    """One commit on main with exactly the files of release/<run>; retried on 429, 5xx and a moved branch (412)."""
+    from personatune.hub import rollback_hub
+
+    token, source = hub_token()
+    url, oid = rollback_hub(hub_repo, token, run)
+    get_run_logger().info("rolled back %s main to %s%s (token from %s): %s", hub_repo, RELEASE_PREFIX, run, source, url)
+    return {"repo": hub_repo, "commit_url": url, "commit_oid": oid}
 
 
 @flow(name="rollback", flow_run_name="rollback to {to}", log_prints=True)
@@ -41,19 +60,19 @@ def rollback_release(to: str, output_dir: str = "outputs", hub_repo: str = "") -
     log = get_run_logger()
     run = to.removeprefix(RELEASE_PREFIX)
     result: dict = {"run": run, "local": None, "hub": None}
-    local_bundle = os.path.join(output_dir, run)
-    if os.path.isdir(local_bundle) or not hub_repo:
-        entry = rollback(output_dir, run)  # raises with the known releases if there is no such bundle
+    local = Path(output_dir) / run
+    if not hub_repo and not (local / COMPLETE_MARKER).is_file():
+        rollback(output_dir, run)  # raises, naming the releases there are
+    if hub_repo:  # the Hub first: an unknown release there fails before anything local moves
+        result["hub"] = rollback_on_hub(hub_repo, run)
+    if (local / COMPLETE_MARKER).is_file():
+        entry = rollback(output_dir, run)
         result["local"] = f"{output_dir}/latest -> {run}"
         log.info("rolled back locally: %s (%s)", result["local"], entry["reason"])
-    if hub_repo:
-        from personatune.hub import rollback_hub
-        from tasks.publish import hub_token
-
-        token, source = hub_token()
-        url, oid = rollback_hub(hub_repo, token, run)
-        result["hub"] = {"repo": hub_repo, "commit_url": url, "commit_oid": oid}
-        log.info("rolled back %s main to %s%s (token from %s): %s", hub_repo, RELEASE_PREFIX, run, source, url)
+    else:  # only on the Hub: the next run must take the Hub's main as its champion, not a stale local one
+        forget_champion(output_dir, f"rolled back {hub_repo} main to {RELEASE_PREFIX}{run}, which has no local bundle")
+        result["local"] = f"{output_dir}/latest removed (no local bundle of {run}; the Hub's main is the champion)"
+        log.info("%s", result["local"])
     try:
         emit_event(event="personatune.adapter.rolled-back",
                    resource={"prefect.resource.id": f"personatune.adapter.{run}", "prefect.resource.name": run},
@@ -72,7 +91,7 @@ def format_releases(output_dir: str, hub: list[dict] | None = None) -> str:
         mark = "* " if i == live_line else "  "
         loss = "n/a" if e.get("golden_loss") is None else f"{e['golden_loss']:.4f}"
         sim = "n/a" if e.get("persona_similarity") is None else f"{e['persona_similarity']:.3f}"
-        lines.append(f"{mark}{e['run']:<28} {e['created'][:16].replace('T', ' '):<20} {(e.get('data_sha256') or '')[:8]:<9} "
+        lines.append(f"{mark}{e['run'] or '-':<28} {e['created'][:16].replace('T', ' '):<20} {(e.get('data_sha256') or '')[:8]:<9} "
                      f"{e['verdict']:<12} {loss:>11} {sim:>10}")
     lines.append(f"* = live (outputs/latest -> {live.name if live else 'nothing yet'})")
     if hub is not None:
@@ -98,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
             hub = None
             if args.hub_repo:
                 from personatune.hub import list_hub_releases
-                from tasks.publish import hub_token
 
                 hub = list_hub_releases(args.hub_repo, hub_token()[0])
             print(format_releases(args.outputs, hub))

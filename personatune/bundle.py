@@ -62,12 +62,14 @@ def render_release(release: dict) -> str:
              "| check | challenger | " + v["against"] + " | limit | passed |", "|---|---|---|---|---|"]
     for c in v["checks"]:
         fmt = "{:.1%}" if c["metric"] == "run_on_rate" else "{:.4f}"
-        lines.append(f"| {c['metric']} | {fmt.format(c['challenger'])} | {fmt.format(c['reference'])} | "
-                     f"{fmt.format(c['limit'])} | {'yes' if c['passed'] else 'no'} |")
+        cell = lambda x: "n/a" if x is None else fmt.format(x)  # noqa: E731 - a skipped check has no numbers
+        lines.append(f"| {c['metric']} | {cell(c['challenger'])} | {cell(c['reference'])} | {cell(c['limit'])} | "
+                     f"{'yes' if c['passed'] else 'no'} |")
     diff = release.get("diff")
     lines += ["", "## Data changes since the champion", ""]
     if not diff:
-        lines.append("No champion yet: nothing to compare with.")
+        lines.append("No champion yet: nothing to compare with." if not release.get("champion") else
+                     f"The champion {release['champion']} has no record of its rows (data_rows.json): no diff.")
         return "\n".join(lines) + "\n"
     lines.append(f"{diff['added']} rows added, {diff['removed']} removed, {diff['edited']} edited, "
                  f"{diff['unchanged']} unchanged (rows matched by instruction + user).")

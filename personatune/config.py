@@ -104,6 +104,8 @@ class FinetuneConfig:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
             problems.append("repetition_penalty must be > 0 and no_repeat_ngram_size >= 0")
+        if not self.golden_csv.strip():
+            problems.append("golden_csv must name the golden evaluation file: the release gate compares on it")
         if self.neftune_noise_alpha < 0:
             problems.append(f"neftune_noise_alpha must be >= 0, got {self.neftune_noise_alpha}")
         if self.eval_every_steps < 0 or self.early_stopping_patience < 0:

@@ -239,7 +239,9 @@ def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path
                      "tuned_ended_by": c["ended_by"], "base": b["reply"], "base_ended_by": b["ended_by"],
                      "champion": ch["reply"] if ch else None}
                     for c, b, ch in zip(probes, base_probes, champion_probes or [None] * len(probes))][:cfg.num_samples],
-        "probe_replies": [{"user": c["user"], "tuned": c["reply"], "base": b["reply"]} for c, b in zip(probes, base_probes)],
+        "probe_replies": [{"user": c["user"], "tuned": c["reply"], "tuned_ended_by": c["ended_by"], "base": b["reply"],
+                           "base_ended_by": b["ended_by"], "champion": ch["reply"] if ch else None}
+                          for c, b, ch in zip(probes, base_probes, champion_probes or [None] * len(probes))],
     }
     with atomic_dir(out_dir) as tmp:
         (tmp / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -62,9 +62,15 @@ class Verdict:
 
 
 def judge(metrics: dict, *, min_improvement_over_base: float = 0.0, max_loss_increase: float = 0.01,
-          max_similarity_drop: float = 0.02, force: bool = False) -> Verdict:
-    """Promote or reject the challenger. `metrics` is eval.json's "metrics": base, challenger, champion (if any)."""
+          max_similarity_drop: float = 0.02, force: bool = False, identical_to: str | None = None) -> Verdict:
+    """Promote or reject the challenger. `metrics` is eval.json's "metrics": base, challenger, champion (if any).
+
+    `identical_to` names a champion whose adapter has the challenger's exact bytes (an unchanged re-run): nothing
+    to compare, the same adapter stays live."""
     new, champion, base = metrics["challenger"], metrics.get("champion"), metrics["base"]
+    if identical_to:
+        return Verdict(True, "champion", [Check("adapter", None, None, None, True,
+                                                f"the adapter is byte-identical to the champion {identical_to}'s")])
     checks = []
     if champion:
         old = champion["golden_loss"]
@@ -72,7 +78,10 @@ def judge(metrics: dict, *, min_improvement_over_base: float = 0.0, max_loss_inc
         checks.append(Check("golden_loss", new["golden_loss"], old, limit, new["golden_loss"] <= limit,
                             f"golden loss {new['golden_loss']:.4f} vs champion {old:.4f} "
                             f"({new['golden_loss'] / old - 1:+.1%}, tolerance +{max_loss_increase:.1%})"))
-        if new["persona_similarity"] is not None and champion["persona_similarity"] is not None:
+        if new["persona_similarity"] is None or champion["persona_similarity"] is None:
+            checks.append(Check("persona_similarity", None, None, None, True,
+                                "persona similarity skipped (--no-persona-similarity): not part of this verdict"))
+        else:
             old = champion["persona_similarity"]
             limit = old - max_similarity_drop
             checks.append(Check("persona_similarity", new["persona_similarity"], old, limit,
@@ -124,13 +133,6 @@ def diff_rows(old: list[dict] | None, new: list[dict], samples: int = DIFF_SAMPL
 def bundle_rows(bundle: str | Path | None) -> list[dict] | None:
     path = Path(bundle) / ROWS_FILE if bundle else None
     return json.loads(path.read_text()) if path and path.is_file() else None
-
-
-def describe_diff(diff: dict | None) -> str:
-    if diff is None:
-        return "no champion to compare the data with"
-    return (f"{diff['added']} rows added, {diff['removed']} removed, {diff['edited']} edited "
-            f"({diff['unchanged']} unchanged) since the champion")
 
 
 # --- the local release log and the champion pointer ------------------------------------------------------------
@@ -200,16 +202,50 @@ def rollback(outputs: str | Path, to: str) -> dict:
     if not (bundle / COMPLETE_MARKER).is_file():
         known = ", ".join(e["run"] for e in read_log(outputs)) or "none"
         raise FileNotFoundError(f"no complete bundle {bundle} to roll back to (releases: {known})")
+    tc = json.loads((bundle / "training_config.json").read_text())  # read everything before anything moves
+    card = json.loads((bundle / "eval.json").read_text()).get("metrics", {}).get("challenger", {})
     previous = champion_bundle(outputs)
-    promote(outputs, to)
-    tc = json.loads((bundle / "training_config.json").read_text())
-    card = json.loads((bundle / "eval.json").read_text())["metrics"]["challenger"]
-    return record(outputs, {"run": to, "data_sha256": tc.get("data_sha256"), "verdict": "rolled back",
-                            "reason": f"rolled back from {previous.name if previous else 'no champion'}",
-                            "golden_loss": card["golden_loss"], "persona_similarity": card["persona_similarity"]})
+    entry = {"run": to, "data_sha256": tc.get("data_sha256"), "verdict": "rolled back",
+             "reason": f"rolled back from {previous.name if previous else 'no champion'}",
+             "golden_loss": card.get("golden_loss"), "persona_similarity": card.get("persona_similarity")}
+    with _locked(outputs):
+        promote(outputs, to)
+        entry = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **entry}
+        _write_log(outputs, read_log(outputs) + [entry])
+    return entry
+
+
+def forget_champion(outputs: str | Path, reason: str) -> dict:
+    """No local champion any more (a rollback made a release live that exists only on the Hub): the next run
+    takes the Hub's main as its champion. Records why."""
+    outputs = Path(outputs)
+    previous = champion_bundle(outputs)
+    with _locked(outputs):
+        (outputs / "latest").unlink(missing_ok=True)
+        entry = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                 "run": previous.name if previous else None, "verdict": "unset", "reason": reason}
+        _write_log(outputs, read_log(outputs) + [entry])
+    return entry
+
+
+def promote_and_record(outputs: str | Path, run: str, entry: dict, judged_against: str | None) -> dict:
+    """Record the judged run and, if it was promoted, point outputs/latest at it, atomically with respect to other
+    runs and rollbacks: if the champion changed while this run trained (another run promoted, a rollback), the
+    verdict no longer holds and the run is recorded as rejected instead."""
+    outputs = Path(outputs)
+    with _locked(outputs):
+        live = champion_bundle(outputs)
+        if entry["verdict"] == "promoted" and (live.name if live else None) != judged_against:
+            entry = {**entry, "verdict": "rejected", "reason": f"rejected: the champion changed during the run (judged "
+                     f"against {judged_against or 'the base'}, now {live.name if live else 'none'}); run it again"}
+        if entry["verdict"] == "promoted":
+            promote(outputs, run)
+        entry = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **entry}
+        _write_log(outputs, read_log(outputs) + [entry])
+    return entry
 
 
 def last_trained_data(outputs: str | Path) -> str | None:
     """The data hash of the newest run, promoted or not (what the CSV watcher compares with)."""
-    runs = [e for e in read_log(outputs) if e.get("verdict") in ("promoted", "rejected")]
+    runs = [e for e in read_log(outputs) if e.get("verdict") in ("promoted", "rejected") and e.get("data_sha256")]
     return runs[-1]["data_sha256"] if runs else None

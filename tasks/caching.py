@@ -27,7 +27,7 @@ STAGE_FIELDS = {
     "build_model": MODEL_FIELDS + ("gradient_checkpointing",),
     "train": MODEL_FIELDS + ("epochs", "max_steps", "learning_rate", "warmup_ratio", "micro_batch_size",
                              "grad_accum", "optim", "packing", "gradient_checkpointing", "profile", "compile",
-                             "num_gpus"),
+                             "num_gpus", "neftune_noise_alpha", "eval_every_steps", "early_stopping_patience"),
     "score": ("base_revision", "load_in_4bit", "compute_dtype", "seed", "max_new_tokens", "repetition_penalty",
               "no_repeat_ngram_size", "persona_similarity"),
     "evaluate": MODEL_FIELDS + ("num_samples", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size",

@@ -20,7 +20,10 @@ def score_model(out_dir: str, config: dict, base_model: str, model_fingerprint: 
 
 
 def adapter_sha256(adapter_dir: str | Path | None) -> str:
-    return sha256_file(Path(adapter_dir) / "adapter_model.safetensors") if adapter_dir else "base"
+    """The adapter's content: its weights and its config (rank, alpha and targets change what it computes)."""
+    if not adapter_dir:
+        return "base"
+    return "-".join(sha256_file(Path(adapter_dir) / f)[:32] for f in ("adapter_model.safetensors", "adapter_config.json"))
 
 
 @cached_stage("evaluate")

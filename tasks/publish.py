@@ -20,7 +20,7 @@ from prefect.tasks import exponential_backoff
 from personatune.bundle import write_bundle
 from personatune.config import from_mapping
 from personatune.hub import HubTransientError, hub_endpoint, push_release
-from personatune.release import read_log, update_last
+from personatune.release import read_log
 
 TOKEN_BLOCK_ENV = "PERSONATUNE_HF_TOKEN_BLOCK"
 DEFAULT_TOKEN_BLOCK = "hf-token"
@@ -52,14 +52,26 @@ def hub_token() -> tuple[str | None, str]:
     except ValueError:  # no such block
         pass
     except Exception as e:  # noqa: BLE001 - an unreachable API must not hide the other sources
-        get_run_logger().warning("could not read Prefect Secret block %r (%s)", block, type(e).__name__)
+        _logger().warning("could not read Prefect Secret block %r (%s)", block, type(e).__name__)
     from huggingface_hub import get_token
 
     token = get_token()
     return (token, "saved `hf auth login` token") if token else (None, "nowhere")
 
 
-def _retry_transient(task, task_run, state) -> bool:
+def _logger():
+    """The run's logger inside a flow or task, a plain one in a CLI (`python -m flows.release list`)."""
+    import logging
+
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("personatune")
+
+
+def retry_if_transient(task, task_run, state) -> bool:
     """Retry connection errors, 429 and 5xx; 401/403/404 and configuration problems fail at once."""
     try:
         state.result()
@@ -80,9 +92,11 @@ def _run_label() -> str | None:
 
 
 @task(name="push_to_hub", retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-      retry_jitter_factor=0.2, retry_condition_fn=_retry_transient)
-def push_to_hub(config: dict, run_dir: str, promoted: bool) -> dict:
-    """Push the bundle to its release branch `release/<run>` of `hub_repo`; if it was promoted, `main` too."""
+      retry_jitter_factor=0.2, retry_condition_fn=retry_if_transient)
+def push_to_hub(config: dict, run_dir: str, promoted: bool, entry: dict) -> dict:
+    """Push the bundle to its release branch `release/<run>` of `hub_repo`; if it was promoted, `main` too.
+
+    `entry` is this run's line of the release log (recorded after the push): the model card's history shows it."""
     cfg = from_mapping(config)
     log = get_run_logger()
     run = Path(run_dir).name
@@ -95,14 +109,13 @@ def push_to_hub(config: dict, run_dir: str, promoted: bool) -> dict:
     log.info("pushing %s to %s at %s (token from %s; repo created %s if missing)", run, cfg.hub_repo,
              hub_endpoint(), source, "private" if cfg.hub_private else "public")
     pushed = push_release(run_dir, cfg.hub_repo, token, private=cfg.hub_private, run_label=_run_label(),
-                          promote=promoted, releases=read_log(cfg.output_dir))
+                          promote=promoted, releases=read_log(cfg.output_dir) + [entry])
     where = f"main and {pushed.branch}" if promoted else f"{pushed.branch} only (main keeps the champion)"
     result.update(status="pushed" if promoted else "branch", branch=pushed.branch,
                   commit_url=pushed.main_commit_url or pushed.branch_commit_url,
                   branch_commit_url=pushed.branch_commit_url, main_commit_url=pushed.main_commit_url,
+                  branch_commit_oid=pushed.branch_commit_oid, main_commit_oid=pushed.main_commit_oid,
                   message=f"pushed to {pushed.repo_id} {where}: {pushed.main_commit_url or pushed.branch_commit_url}")
-    update_last(cfg.output_dir, run, hub={"repo": pushed.repo_id, "branch": pushed.branch,
-                                          "branch_commit": pushed.branch_commit_oid, "main_commit": pushed.main_commit_oid})
     create_link_artifact(key="hub-commit", link=result["commit_url"], link_text=f"{pushed.repo_id}@{pushed.branch}",
                          description=f"Adapter bundle {run} on the Hub ({pushed.endpoint})")
     log.info("%s", result["message"])

@@ -30,3 +30,18 @@ def test_stage_key_depends_on_the_stages_settings_only():
     assert stage_key("train", {**params, "config": {**config, "compile": 0}}) != key      # a train setting
     assert stage_key("train", {**params, "config": {**config, "num_samples": 0}}) == key  # an evaluate setting
     assert stage_key("evaluate", params) != key
+
+
+def test_scores_are_keyed_by_the_adapter_content_and_the_decoding():
+    """The champion's scores from its own run are a cache hit wherever its bundle lies; a new decoding re-scores."""
+    config = {f: 1 for fields in STAGE_FIELDS.values() for f in fields}
+    params = {"config": config, "adapter_dir": "/outputs/run-a", "adapter_sha256": "aa", "eval_sha256": {"golden": "g"}}
+    key = stage_key("score", params)
+    assert stage_key("score", {**params, "adapter_dir": "/outputs/latest"}) == key
+    assert stage_key("score", {**params, "adapter_sha256": "bb"}) != key
+    assert stage_key("score", {**params, "eval_sha256": {"golden": "h"}}) != key
+    assert stage_key("score", {**params, "config": {**config, "repetition_penalty": 1.2}}) != key
+    assert stage_key("score", {**params, "config": {**config, "learning_rate": 9}}) == key  # training settings
+    train = {"config": config, "dataset_dir": "d"}
+    for setting in ("neftune_noise_alpha", "eval_every_steps", "early_stopping_patience"):
+        assert stage_key("train", {**train, "config": {**config, setting: 0}}) != stage_key("train", train)

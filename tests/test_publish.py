@@ -252,26 +252,26 @@ def test_bad_token_fails_fast_with_a_clear_message_and_no_leak(local_run, hub, m
 
 
 def test_a_rejected_run_lands_on_its_branch_and_main_keeps_the_champion(local_run, hub, monkeypatch):
-    """Release gate on the Hub: a demand no training can meet (golden loss 99% below the base's) rejects the run
-    (the cached adapter is the champion's own, so it is judged as a first release, against the base): its bundle goes
-    to release/<run> only, outputs/latest stays; --force-promote moves both."""
+    """Release gate on the Hub: a destructive learning rate makes the golden loss far worse than the champion's
+    (the local run): its bundle goes to release/<run> only and outputs/latest stays; --force-promote moves both."""
     params, _ = local_run
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     live = (Path(params["output_dir"]) / "latest").resolve()
-    summary = run_flow(params, run_name="gated", hub_repo="you/gated-adapter", force_promote=False,
-                       min_improvement_over_base=0.99)
-    assert not summary["verdict"]["promoted"] and "golden loss" in summary["verdict"]["reason"]
+    damaged = {**params, "learning_rate": 0.3, "force_promote": False}
+    summary = run_flow(damaged, run_name="gated", hub_repo="you/gated-adapter")
+    assert not summary["verdict"]["promoted"] and summary["verdict"]["reason"].startswith(
+        "rejected against the champion: golden loss")
     assert summary["hub"]["status"] == "branch" and "main keeps the champion" in summary["hub"]["message"]
     repo = hub.repos["you/gated-adapter"]
     assert "adapter_model.safetensors" in repo.resolve("release/gated").files
-    assert "adapter_model.safetensors" not in repo.resolve("main").files
+    assert "adapter_model.safetensors" not in repo.resolve("main").files  # a new repo: main has no adapter yet
     assert (Path(params["output_dir"]) / "latest").resolve() == live
 
-    forced = run_flow(params, run_name="forced", hub_repo="you/gated-adapter", force_promote=True,
-                      min_improvement_over_base=0.99)
+    forced = run_flow({**damaged, "force_promote": True}, run_name="forced", hub_repo="you/gated-adapter")
     assert forced["verdict"]["promoted"] and forced["verdict"]["forced"]
     assert forced["hub"]["status"] == "pushed" and (Path(params["output_dir"]) / "latest").resolve().name == "forced"
-    assert repo.resolve("main").files["adapter_model.safetensors"] == repo.resolve("release/forced").files["adapter_model.safetensors"]
+    assert repo.resolve("main").files["adapter_model.safetensors"] == \
+        repo.resolve("release/forced").files["adapter_model.safetensors"]
 
 
 def test_hub_errors_say_what_to_fix(env, hub, tmp_path):

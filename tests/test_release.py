@@ -36,7 +36,10 @@ def test_challenger_must_not_be_worse_than_the_champion_beyond_the_tolerances():
     forced = judge({**metrics, "challenger": card(3.80, 0.33)}, force=True)
     assert forced.promoted and forced.forced and "--force-promote" in forced.reason
     no_sim = judge({"base": card(4.5, None), "champion": card(3.7, None), "challenger": card(3.7, None)})
-    assert no_sim.promoted and [c.metric for c in no_sim.checks] == ["golden_loss", "run_on_rate"]
+    assert no_sim.promoted and [c.metric for c in no_sim.checks] == ["golden_loss", "persona_similarity", "run_on_rate"]
+    assert "persona similarity skipped" in no_sim.reason  # said, not silently dropped
+    same = judge({**metrics, "challenger": card(9.9, 0.0, run_on=1.0)}, identical_to="run-a")
+    assert same.promoted and "byte-identical to the champion run-a's" in same.reason  # nothing to compare
 
 
 def rows(*triples):
