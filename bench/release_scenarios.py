@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/personatune-scenarios")
     ap.add_argument("--out", default=str(ROOT / "bench/results/release_scenarios.json"))
     ap.add_argument("--reuse-cache", default="")
+    ap.add_argument("--flow-args", default="", help="extra flags for every `python -m flows.finetune` run")
     ap.add_argument("--keep-cache", action="store_true",
                     help="keep --work's stage cache (same CSV paths: cache hits), start with no bundles or releases")
     args = ap.parse_args()
@@ -94,7 +95,8 @@ def main() -> None:
         for name, path in csvs.items():
             t0 = time.time()
             proc = subprocess.run([sys.executable, "-m", "flows.finetune", "--quotes-csv", str(path), "--output-dir",
-                                   str(out), "--run-name", name, "--hub-repo", REPO], cwd=ROOT, env=env,
+                                   str(out), "--run-name", name, "--hub-repo", REPO, *args.flow_args.split()],
+                                  cwd=ROOT, env=env,
                                   capture_output=True, text=True)
             elapsed = time.time() - t0
             (work / f"{name}.log").write_text(proc.stdout + proc.stderr)

@@ -61,7 +61,7 @@ class Verdict:
                 "checks": [asdict(c) for c in self.checks]}
 
 
-def judge(metrics: dict, *, min_improvement_over_base: float = 0.0, max_loss_increase: float = 0.01,
+def judge(metrics: dict, *, min_improvement_over_base: float = 0.0, max_loss_increase: float = 0.005,
           max_similarity_drop: float = 0.02, force: bool = False, identical_to: str | None = None) -> Verdict:
     """Promote or reject the challenger. `metrics` is eval.json's "metrics": base, challenger, champion (if any).
 
