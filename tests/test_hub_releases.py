@@ -72,9 +72,13 @@ def bundles(tmp_path_factory, base_model_dir, tokenizer) -> dict[str, Path]:
         (evaluation / "eval.json").write_text(json.dumps({
             "eval_loss": {"base": 3.2, "tuned": tuned}, "train_loss": {"base": 3.1, "tuned": tuned - 0.2},
             "eval_perplexity": {"base": 24.5, "tuned": 18.2}, "eval_rows": 52, "train_rows": 64,
-            "training": {"steps": 40 + i}, "samples": [],
-            "metrics": {"challenger": {"golden_loss": 2.5 - i / 10,
-                                       "persona_similarity": None if label == "B" else 0.61 + i / 100}},
+            "training": {"steps": 40 + i}, "samples": [], "golden_rows": 72, "probe_prompts": 64,
+            "decoding": {"max_new_tokens": 64, "repetition_penalty": 1.1, "no_repeat_ngram_size": 0},
+            "metrics": {"base": {"golden_loss": 4.7, "persona_similarity": None if label == "B" else 0.17,
+                                 "run_on_rate": 0.4, "loop_rate": 0.3, "heldout_loss": 3.2},
+                        "challenger": {"golden_loss": 2.5 - i / 10, "run_on_rate": 0.0, "loop_rate": 0.0,
+                                       "persona_similarity": None if label == "B" else 0.61 + i / 100,
+                                       "heldout_loss": tuned}},
         }, indent=2) + "\n")
         (evaluation / "report.md").write_text(f"# Evaluation of run {run}\n")
         if label == "C":
