@@ -146,7 +146,9 @@ def test_push_then_load_back_with_peft(local_run, hub, monkeypatch, tmp_path, ca
                                                              f"/api/models/{REPO}/commit/main"]
     run_dir = Path(summary["run_dir"])
     training = json.loads((run_dir / "training_config.json").read_text())
-    assert training["data_sha256"][:12] in head.summary and "pushed" in head.summary
+    branch_head = repo.resolve("release/pushed")
+    assert training["data_sha256"][:12] in branch_head.summary and "pushed" in branch_head.summary
+    assert head.summary == "Promote release/pushed to main"
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
             "training_config.json", "eval.json", "generation_config.json", "release.json", "README.md"} <= set(head.files)
     assert ".complete" not in head.files
