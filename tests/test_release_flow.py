@@ -99,9 +99,12 @@ def runs(server, tmp_path_factory):
         procs["list"] = run("list", "--outputs", str(out), "--hub-repo", REPO, module="flows.release")
         procs["rollback"] = run("rollback", "--to", "first", "--outputs", str(out), "--hub-repo", REPO,
                                 module="flows.release")
+        import huggingface_hub.constants
         from huggingface_hub import snapshot_download
 
-        main = Path(snapshot_download(REPO, endpoint=hub.url, token=TOKEN, cache_dir=work / "hf"))
+        with pytest.MonkeyPatch.context() as mp:  # conftest keeps the suite offline; this server is local
+            mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+            main = Path(snapshot_download(REPO, endpoint=hub.url, token=TOKEN, cache_dir=work / "hf"))
         yield {"out": out, "procs": procs, "hub_main": main, "started": started, "hub": hub, **state}
 
 

@@ -78,7 +78,7 @@ def test_run_button_quick_and_custom_runs(stack, page):
         has=page.locator(".schema-form-property__label", has_text=re.compile(r"^run_name\b")))
     field.locator("input, textarea").first.fill(CUSTOM_RUN_NAME)
     page.get_by_role("button", name="Submit", exact=True).click()
-    custom = stack.wait_new_run(FINETUNE, known, timeout=60)
+    custom = stack.wait_new_run(FINETUNE, known, timeout=120)  # a loaded 2-core box can take a while
 
     quick, custom = stack.wait(quick["id"]), stack.wait(custom["id"])
     for run in (quick, custom):
