@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                                       cfg.on_long_row, Path(work) / "tokens", quotes_csv=cfg.quotes_csv)
             roles = {"base": None, "challenger": adapter_dir, **({"champion": args.champion} if args.champion else {})}
             scores = {role: score_adapter(cfg, resolved, path, Path(work) / f"scores-{role}") for role, path in roles.items()}
-            out = evaluate_adapter(cfg, resolved, adapter_dir, tokens, dataset, scores, args.out,
+            out = evaluate_adapter(cfg, resolved, adapter_dir, tokens, scores, args.out,
                                    champion_dir=args.champion)
     except (FileNotFoundError, DataValidationError, BaseModelError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)

@@ -61,7 +61,7 @@ def finetune(**params) -> dict:
               for role, path in (("base", None), ("champion", rival), ("challenger", adapter_dir))
               if role == "base" or path}
     eval_dir = evaluate_lora(stages, config=config, adapter_dir=adapter_dir, tokenized_dir=tokenized_dir,
-                             dataset_dir=dataset_dir, scores=scores, champion_dir=rival, **model)
+                             scores=scores, champion_dir=rival, **model)
     release = judge_challenger(config, eval_dir, dataset_dir, champion, adapter_dir)
     provenance = {"data_sha256": csv_sha256, "base_model_fingerprint": base["fingerprint"],
                   "code_version": code_version(), "stages": stages, "eval_sets_sha256": eval_sets,
@@ -70,8 +70,9 @@ def finetune(**params) -> dict:
     run_dir = publish_bundle(config, cfg.run_name or default_run_name(csv_sha256), adapter_dir, eval_dir, provenance,
                              release)
     # the Hub first (release/<run>; main only if promoted), then outputs/latest: a failed push moves nothing
-    hub = push_to_hub(config, run_dir, release["verdict"]["promoted"], pending_entry(run_dir, release))
-    entry = release_bundle(config, run_dir, release, hub)  # records the run; latest moves only if promoted
+    entry = pending_entry(run_dir, release)  # this run's line of outputs/releases.json (the card shows it too)
+    hub = push_to_hub(config, run_dir, release["verdict"]["promoted"], entry)
+    entry = release_bundle(config, run_dir, release, entry, hub)  # records the run; latest moves only if promoted
     release["verdict"].update(promoted=entry["verdict"] == "promoted", reason=entry["reason"])
 
     summary = {"run_dir": run_dir, "hub": hub, "stages": stages, "verdict": release["verdict"],

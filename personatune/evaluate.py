@@ -97,7 +97,6 @@ def generate_reply(model, tok, instruction: str, user: str, decoding: Decoding =
     return generate_replies(model, tok, [(instruction, user)], decoding, **kwargs)[0]
 
 
-EVAL_SETS = ("golden", "probes")  # the fixed yardstick (data/golden.csv) and the unseen-topic prompts (data/probes.csv)
 EOS_ONLY_PROMPTS = 32  # the seed's EOS-only stopping is shown on one generation batch of golden prompts
 
 
@@ -178,7 +177,7 @@ def load_scores(scores_dir: str | Path | None) -> dict | None:
 
 
 def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path, tokenized_dir: str | Path,
-                     dataset_dir: str | Path, scores: dict[str, str | Path | None], out_dir: str | Path,
+                     scores: dict[str, str | Path | None], out_dir: str | Path,
                      champion_dir: str | Path | None = None) -> Path:
     """eval.json, report.md and eval_plot.png: base, champion (when there is one) and challenger side by side.
 
@@ -209,7 +208,8 @@ def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path
         model.set_adapter("champion")
         losses["eval"]["champion"] = mean_loss(model, splits["eval"], tok)
         model.set_adapter("default")
-    golden = eval_sets(cfg)["golden"][:EOS_ONLY_PROMPTS]
+    sets = eval_sets(cfg)
+    golden = sets["golden"][:EOS_ONLY_PROMPTS]
     eos_only = generate_replies(model, tok, [(r["instruction"], r["user"]) for r in golden],
                                 decoding=Decoding.from_config(cfg), stop_markers=False)
 
@@ -222,7 +222,7 @@ def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path
     probes = challenger["sets"].get("probes", {"replies": []})["replies"]
     base_probes = base["sets"].get("probes", {"replies": []})["replies"]
     champion_probes = cards["champion"]["sets"].get("probes", {"replies": []})["replies"] if "champion" in cards else []
-    references = {r["user"]: r["reference"] for r in eval_sets(cfg)["probes"]}
+    references = {r["user"]: r["reference"] for r in sets["probes"]}
     result = {
         "metrics": metrics,
         "eval_loss": losses["eval"],

@@ -30,13 +30,6 @@ def paired_similarity(replies: list[str], references: list[str]) -> list[float]:
     return [float(x) for x in (a * b).sum(axis=1)]
 
 
-def centroid_similarity(replies: list[str], persona_lines: list[str]) -> list[float]:
-    """Cosine similarity of each reply to the mean direction of the persona's lines (for prompts without references)."""
-    centre = embed(persona_lines).mean(axis=0)
-    centre /= np.linalg.norm(centre)
-    return [float(x) for x in embed(replies) @ centre]
-
-
 def distinct_n(replies: list[str], n: int) -> float:
     """Share of distinct word n-grams among all n-grams of the replies (1.0 = no repetition)."""
     grams = [tuple(words[i:i + n]) for r in replies for words in [r.lower().split()] for i in range(len(words) - n + 1)]

@@ -28,8 +28,8 @@ def adapter_sha256(adapter_dir: str | Path | None) -> str:
 
 @cached_stage("evaluate")
 def evaluate_lora(out_dir: str, config: dict, base_model: str, model_fingerprint: str, adapter_dir: str,
-                  tokenized_dir: str, dataset_dir: str, scores: dict, champion_dir: str | None) -> str:
+                  tokenized_dir: str, scores: dict, champion_dir: str | None) -> str:
     """Base, champion and challenger side by side: eval.json, report.md, plot, generation_config.json."""
     cfg = from_mapping(config)
-    return str(evaluate_adapter(cfg, base_model, adapter_dir, tokenized_dir, dataset_dir, scores, out_dir,
+    return str(evaluate_adapter(cfg, base_model, adapter_dir, tokenized_dir, scores, out_dir,
                                 champion_dir=champion_dir))

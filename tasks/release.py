@@ -93,14 +93,14 @@ def pending_entry(run_dir: str, release: dict) -> dict:
 
 
 @task(name="release")
-def release_bundle(config: dict, run_dir: str, release: dict, hub: dict | None) -> dict:
+def release_bundle(config: dict, run_dir: str, release: dict, entry: dict, hub: dict | None) -> dict:
     """Record the run in outputs/releases.json and, if promoted, move outputs/latest to it (unless the champion
     changed meanwhile); emit the event; attach the verdict as an artifact."""
     cfg = from_mapping(config)
     log = get_run_logger()
     run_dir = Path(run_dir)
-    entry = pending_entry(run_dir, release)
     if hub and hub.get("branch"):
+        entry = {**entry}
         entry["hub"] = {"repo": hub["repo_id"], "branch": hub["branch"], "branch_commit": hub.get("branch_commit_oid"),
                         "main_commit": hub.get("main_commit_oid")}
     entry = promote_and_record(cfg.output_dir, run_dir.name, entry, release["judged_against_local"])

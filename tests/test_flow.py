@@ -152,8 +152,7 @@ def test_evaluation_is_deterministic_and_reports_persona_metrics(first_run, tmp_
     for role, path in scores.items():  # scoring again from scratch gives the flow's scores, reply for reply
         assert json.loads((path / "scores.json").read_text())["sets"] == \
             json.loads((Path(dirs["scores"][role]) / "scores.json").read_text())["sets"]
-    again = evaluate_adapter(cfg, base_model_dir, dirs["adapter"], dirs["tokenized"], dirs["dataset"], scores,
-                             tmp_path / "eval")
+    again = evaluate_adapter(cfg, base_model_dir, dirs["adapter"], dirs["tokenized"], scores, tmp_path / "eval")
     first = json.loads((Path(summary["run_dir"]) / "eval.json").read_text())
     second = json.loads((again / "eval.json").read_text())
     assert first == second
@@ -226,7 +225,7 @@ def test_evaluation_without_persona_similarity_needs_no_embedding_model(first_ru
     cfg = from_mapping({**params, "persona_similarity": False, "probes_csv": "", "max_new_tokens": 8})
     scores = {role: score_adapter(cfg, base_model_dir, path, tmp_path / role)
               for role, path in (("base", None), ("challenger", dirs["adapter"]))}
-    out = evaluate_adapter(cfg, base_model_dir, dirs["adapter"], dirs["tokenized"], dirs["dataset"], scores, tmp_path / "eval")
+    out = evaluate_adapter(cfg, base_model_dir, dirs["adapter"], dirs["tokenized"], scores, tmp_path / "eval")
     ev = json.loads((out / "eval.json").read_text())
     assert ev["eval_loss"] == json.loads((Path(summary["run_dir"]) / "eval.json").read_text())["eval_loss"]
     assert all(ev["metrics"][k]["persona_similarity"] is None for k in ("base", "challenger"))

@@ -1,7 +1,7 @@
 """Persona metrics: the similarity ranks the persona above off-persona text; run-on and repetition stats."""
 from __future__ import annotations
 
-from personatune.metrics import centroid_similarity, distinct_n, paired_similarity, reply_stats
+from personatune.metrics import distinct_n, paired_similarity, reply_stats
 
 
 def test_similarity_ranks_persona_reference_above_off_persona():
@@ -10,12 +10,6 @@ def test_similarity_ranks_persona_reference_above_off_persona():
     off = paired_similarity(["Yay, cake and balloons! I love parties so much!"], reference)[0]
     assert persona > off + 0.1
     assert -1.0 <= off < persona <= 1.0
-
-
-def test_centroid_similarity_prefers_the_persona_voice():
-    lines = ["I prefer funerals to parties.", "The rain is the only honest weather.", "Death is punctual."]
-    scores = centroid_similarity(["Funerals are the only parties worth attending.", "Let's go shopping at the mall!"], lines)
-    assert scores[0] > scores[1]
 
 
 def test_reply_stats_counts_run_ons_and_repetition():

@@ -25,20 +25,13 @@ import pytest
 
 from tests.conftest import QUOTES, ROOT, TINY_EVAL_SETS
 from tests.hub_server import HubServer
+from tests.test_deployment import free_port
 
 TOKEN = "hf_test_" + secrets.token_hex(12)
 REPO = "you/wednesday-releases"
 FAST = ["--max-steps", "2", "--micro-batch-size", "2", "--grad-accum", "1", "--num-samples", "1",
         "--max-new-tokens", "16", "--eval-fraction", "0.03", "--golden-csv", TINY_EVAL_SETS["golden_csv"],
         "--probes-csv", TINY_EVAL_SETS["probes_csv"], "--hub-repo", REPO]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def digest(path: Path) -> str:
