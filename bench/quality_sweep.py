@@ -45,6 +45,11 @@ RECIPES = {
     "all-linear r8, lr 4e-3, 1 ep": {"epochs": 1.0, "learning_rate": 4e-3, "lora_targets": "all-linear"},
     "all-linear r8, dropout 0, lr 2e-3, 1 ep": {"epochs": 1.0, "lora_targets": "all-linear", "lora_dropout": 0.0},
     "all-linear r16, lr 2e-3, 1 ep": {"epochs": 1.0, "lora_targets": "all-linear", "lora_r": 16, "lora_alpha": 32},
+    "NEFTune 5, lr 4e-3, 1 ep": {"epochs": 1.0, "learning_rate": 4e-3, "neftune_noise_alpha": 5.0},
+    "dropout 0, lr 4e-3, 1 ep": {"epochs": 1.0, "learning_rate": 4e-3, "lora_dropout": 0.0},
+    "dropout 0.1, lr 4e-3, 1 ep": {"epochs": 1.0, "learning_rate": 4e-3, "lora_dropout": 0.1},
+    "r16 q,v, lr 4e-3, 1 ep": {"epochs": 1.0, "learning_rate": 4e-3, "lora_r": 16, "lora_alpha": 32},
+    "lr 6e-3, 1 ep": {"epochs": 1.0, "learning_rate": 6e-3},
 }
 DECODINGS = {
     "greedy": {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0},
@@ -53,6 +58,14 @@ DECODINGS = {
     "rep 1.3": {"repetition_penalty": 1.3, "no_repeat_ngram_size": 0},
     "no-repeat 3": {"repetition_penalty": 1.0, "no_repeat_ngram_size": 3},
     "rep 1.15 + no-repeat 4": {"repetition_penalty": 1.15, "no_repeat_ngram_size": 4},
+    # Sampling, reseeded per generation batch (evaluate.generate_replies): the same adapter gives the same replies.
+    # "seed N" rows score the same adapter with other seeds, to show how much a sampled number moves by luck.
+    "rep 1.1, T 0.5": {"repetition_penalty": 1.1, "temperature": 0.5, "top_p": 0.9},
+    "rep 1.1, T 0.7": {"repetition_penalty": 1.1, "temperature": 0.7, "top_p": 0.9},
+    "rep 1.1, T 0.7, seed 1": {"repetition_penalty": 1.1, "temperature": 0.7, "top_p": 0.9, "seed": 1},
+    "rep 1.1, T 0.7, seed 2": {"repetition_penalty": 1.1, "temperature": 0.7, "top_p": 0.9, "seed": 2},
+    "rep 1.1, T 0.9": {"repetition_penalty": 1.1, "temperature": 0.9, "top_p": 0.95},
+    "T 0.7": {"repetition_penalty": 1.0, "temperature": 0.7, "top_p": 0.9},
 }
 
 
@@ -80,7 +93,8 @@ def run(args) -> None:
     tok = load_tokenizer(resolved)
     dataset = build_dataset(base_cfg.quotes_csv, base_cfg.eval_fraction, work / "dataset")
     tokens = tokenize_dataset(dataset, tok, base_cfg.max_seq_len, base_cfg.on_long_row, work / "tokens")
-    for dname, dec in DECODINGS.items():
+    wanted = [n.strip() for n in args.decodings.split(";")] if args.decodings else list(DECODINGS)
+    for dname, dec in ((n, DECODINGS[n]) for n in wanted):
         if dname not in results["base"]:
             results["base"][dname] = load_scores(score_adapter(base_cfg.replace(**dec), resolved, None, work / f"base-{dname}"))
     for i, name in enumerate(names):
@@ -95,7 +109,11 @@ def run(args) -> None:
         entry = {"overrides": RECIPES[name], "config": {k: getattr(cfg, k) for k in BASELINE}, "train_s": round(train_s, 1),
                  "steps": history["global_step"], "best_step": history.get("best_step"),
                  "eval_loss_curve": history.get("eval_loss"), "decodings": {}}
-        decodings = DECODINGS if not args.greedy_only or name == args.decode_all else {"greedy": DECODINGS["greedy"]}
+        decodings = {n: DECODINGS[n] for n in wanted}
+        if args.greedy_only and name != args.decode_all:
+            decodings = {"greedy": DECODINGS["greedy"]}
+        elif args.decode_all and name == args.decode_all:
+            decodings = DECODINGS
         for dname, dec in decodings.items():
             entry["decodings"][dname] = load_scores(score_adapter(cfg.replace(**dec), resolved, adapter, work / f"s-{i}-{dname}"))
         results["recipes"][name] = entry
@@ -132,8 +150,9 @@ def cpu_step(args) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="cpustep-"))
     out = {}
-    for targets, r in (("q_proj,v_proj", 8), ("all-linear", 8), ("all-linear", 16)):
-        cfg = FinetuneConfig(lora_targets=targets, lora_r=r, lora_alpha=2 * r, max_steps=args.steps)
+    layouts = [(t, int(r)) for t, r in (x.rsplit(" r", 1) for x in args.layouts.split(";"))]
+    for targets, r in layouts:
+        cfg = FinetuneConfig(base_model=args.base_model, lora_targets=targets, lora_r=r, lora_alpha=2 * r, max_steps=args.steps)
         resolved = resolve_base_model(cfg.base_model)
         ds = build_dataset(cfg.quotes_csv, cfg.eval_fraction, work / "ds")
         tokens = tokenize_dataset(ds, load_tokenizer(resolved), cfg.max_seq_len, cfg.on_long_row, work / "tok")
@@ -203,8 +222,11 @@ def main() -> None:
     r.add_argument("--recipes", default="", help="';'-separated recipe names (default: all)")
     r.add_argument("--greedy-only", action="store_true", help="score only greedy decoding, except --decode-all")
     r.add_argument("--decode-all", default="", help="the recipe scored with every decoding")
+    r.add_argument("--decodings", default="", help="';'-separated decoding names for base and recipes (default: all)")
     c = sub.add_parser("cpu-step")
     c.add_argument("--steps", type=int, default=4)
+    c.add_argument("--base-model", default="embedded:smollm2-135m-instruct")
+    c.add_argument("--layouts", default="q_proj,v_proj r8;all-linear r8;all-linear r16", help="';'-separated 'targets rN'")
     c.add_argument("--out", default=str(ROOT / "bench/results/cpu_step.json"))
     s = sub.add_parser("score")
     s.add_argument("results")

@@ -5,7 +5,8 @@
     python -m flows.chat --adapter you/wednesday-adapter --compare --prompt "Hi!"
 
 Uses the training scaffold with `### Response:` left open and stops at EOS or the next `###` marker during
-generation. Greedy by default; `--temperature` > 0 samples (seeded by `--seed`).
+generation. Decodes with the adapter's generation_config.json (what its evaluation measured); `--temperature`,
+`--top-p`, `--repetition-penalty` and `--no-repeat-ngram-size` override it (`--temperature 0` = greedy).
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_adapter_arguments(p)
     p.add_argument("--prompt", help="Answer this once and exit; without it, chat interactively.")
     p.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help=f"The ### Instruction line (default: {DEFAULT_INSTRUCTION!r}).")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples.")
-    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass when sampling (default: 1.0).")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="Override the bundle's generation_config.json: 0 = greedy, > 0 samples at this temperature.")
+    p.add_argument("--top-p", type=float, default=None, help="Override the bundle's nucleus sampling mass.")
     p.add_argument("--max-new-tokens", type=int, default=96, help="Reply length limit in tokens (default: 96).")
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="Override the bundle's generation_config.json (the decoding its evaluation measured).")
@@ -55,7 +57,7 @@ def reply_streamer(tok):
 
 
 def decoding_for(args, adapter_dir):
-    """The adapter's own decoding (generation_config.json: repetition controls its evaluation used), with the
+    """The adapter's own decoding (generation_config.json: the sampling and repetition controls its evaluation used), with the
     reply limit and any override from the command line."""
     import dataclasses
 
@@ -63,22 +65,17 @@ def decoding_for(args, adapter_dir):
 
     stored = load_decoding(adapter_dir)
     changes = {"max_new_tokens": args.max_new_tokens}
-    if args.repetition_penalty is not None:
-        changes["repetition_penalty"] = args.repetition_penalty
-    if args.no_repeat_ngram_size is not None:
-        changes["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+    for name in ("repetition_penalty", "no_repeat_ngram_size", "temperature", "top_p"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
     return dataclasses.replace(stored, **changes)
 
 
 def answer(model, tok, args, user: str, stream: bool, decoding=None) -> dict:
-    import torch
-
     from personatune.evaluate import generate_reply
 
-    torch.manual_seed(args.seed)
     streamer = reply_streamer(tok) if stream else None
-    return generate_reply(model, tok, args.instruction, user, decoding, do_sample=args.temperature > 0,
-                          temperature=args.temperature or 1.0, top_p=args.top_p, streamer=streamer)
+    return generate_reply(model, tok, args.instruction, user, decoding, seed=args.seed, streamer=streamer)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = FinetuneConfig(base_model=args.base_model or base_model_of(adapter_dir), quotes_csv=args.quotes_csv,
                              eval_fraction=args.eval_fraction, golden_csv=args.golden_csv, probes_csv=args.probes_csv,
                              max_new_tokens=args.max_new_tokens, repetition_penalty=decoding.repetition_penalty,
-                             no_repeat_ngram_size=decoding.no_repeat_ngram_size)
+                             no_repeat_ngram_size=decoding.no_repeat_ngram_size,
+                             temperature=decoding.temperature, top_p=decoding.top_p)
         resolved = resolve_base_model(cfg.base_model)
         with tempfile.TemporaryDirectory() as work:
             dataset = build_dataset(cfg.quotes_csv, cfg.eval_fraction, Path(work) / "dataset")

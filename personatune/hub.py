@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from personatune.config import EMBEDDED_MODEL
+from personatune.decoding import Decoding
 from personatune.prompt import TEMPLATE
 
 # The embedded model is the Q4_1 GGUF of this Hub model, dequantized: on the Hub the adapter names the original.
@@ -195,8 +196,7 @@ print(tok.decode(out[0], skip_special_tokens=True)[len(prompt):].split("###")[0]
 Base model, the champion this release was judged against (when there was one) and this adapter, on fixed sets
 that an edit to the training CSV cannot move: `golden.csv` ({ev.get('golden_rows')} rows written for evaluation,
 never trained on) and {ev.get('probe_prompts')} unseen-topic probes (everyday topics absent from the training data),
-greedy replies decoded with this repo's `generation_config.json` (repetition penalty
-{ev.get('decoding', {}).get('repetition_penalty')}, no-repeat n-gram {ev.get('decoding', {}).get('no_repeat_ngram_size')}):
+replies decoded with this repo's `generation_config.json` ({Decoding(**ev['decoding']).describe() if ev.get('decoding') else 'n/a'}):
 
 {chr(10).join(metric_table(ev))}
 

@@ -29,8 +29,9 @@ STAGE_FIELDS = {
                              "grad_accum", "optim", "packing", "gradient_checkpointing", "profile", "compile",
                              "num_gpus", "neftune_noise_alpha", "eval_every_steps", "early_stopping_patience"),
     "score": ("base_revision", "load_in_4bit", "compute_dtype", "seed", "max_new_tokens", "repetition_penalty",
-              "no_repeat_ngram_size", "persona_similarity"),
+              "no_repeat_ngram_size", "temperature", "top_p", "persona_similarity"),
     "evaluate": MODEL_FIELDS + ("num_samples", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size",
+                                "temperature", "top_p",
                                 "golden_csv", "probes_csv", "persona_similarity"),
 }
 # The ML-core modules each stage runs; their imports are followed (personatune.files.module_closure). The ranks

@@ -1,0 +1,62 @@
+"""Decoding settings: stored with every bundle, read back by every consumer, sampled evaluations reproducible."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from personatune.config import ConfigError, FinetuneConfig
+from personatune.decoding import Decoding, generation_config, load_decoding
+
+PROMPTS = [("Respond as Wednesday Addams: deadpan and morbid.", "Do you like cats?"),
+           ("Respond as Wednesday Addams: deadpan and morbid.", "What is your favourite food?"),
+           ("Respond as Wednesday Addams: deadpan and morbid.", "Shall we go to the beach?")]
+
+
+@pytest.mark.parametrize("decoding", [Decoding(64, 1.1, 0), Decoding(48, 1.15, 4, 0.7, 0.9)],
+                         ids=["greedy", "sampled"])
+def test_generation_config_round_trips_the_decoding(tmp_path, tokenizer, decoding):
+    generation_config(tokenizer, decoding).save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "generation_config.json").read_text())
+    assert stored.get("do_sample", False) is decoding.sampling
+    assert stored["repetition_penalty"] == decoding.repetition_penalty and stored["stop_strings"] == ["###"]
+    assert load_decoding(tmp_path) == decoding
+
+
+def test_a_config_decoding_reaches_the_bundle_settings():
+    cfg = FinetuneConfig(temperature=0.7, top_p=0.9, repetition_penalty=1.2, no_repeat_ngram_size=3)
+    assert Decoding.from_config(cfg) == Decoding(cfg.max_new_tokens, 1.2, 3, 0.7, 0.9)
+    assert Decoding.from_config(FinetuneConfig()).sampling is False  # the default stays greedy (QUALITY.md)
+    with pytest.raises(ConfigError, match="temperature must be >= 0 and top_p in"):
+        FinetuneConfig(top_p=0.0)
+    with pytest.raises(ConfigError, match="temperature must be >= 0"):
+        FinetuneConfig(temperature=-0.5)
+
+
+def test_sampled_replies_depend_on_the_seed_only(base_model_dir, tokenizer):
+    """Same seed, same replies, whatever ran before (evaluation reseeds per batch); another seed, other replies."""
+    from personatune.evaluate import generate_replies
+    from personatune.model import dequantize_frozen_base, load_base_model
+
+    model = load_base_model(base_model_dir, FinetuneConfig())
+    dequantize_frozen_base(model)
+    sampled = Decoding(16, 1.1, 0, 0.9, 0.95)
+    first = generate_replies(model, tokenizer, PROMPTS, sampled, seed=7, batch_size=2)
+    torch.manual_seed(12345)
+    torch.rand(1000)  # a different global RNG state, as after scoring another model
+    again = generate_replies(model, tokenizer, PROMPTS, sampled, seed=7, batch_size=2)
+    other = generate_replies(model, tokenizer, PROMPTS, sampled, seed=8, batch_size=2)
+    assert [g["reply"] for g in first] == [g["reply"] for g in again]
+    assert [g["reply"] for g in first] != [g["reply"] for g in other]
+    greedy = [generate_replies(model, tokenizer, PROMPTS, Decoding(16, 1.1), seed=s) for s in (1, 2)]
+    assert [g["reply"] for g in greedy[0]] == [g["reply"] for g in greedy[1]]  # the seed never touches greedy
+
+
+def test_chat_uses_the_bundle_decoding_unless_overridden(tmp_path, tokenizer):
+    from flows.chat import decoding_for, parse_args
+
+    generation_config(tokenizer, Decoding(64, 1.1, 0)).save_pretrained(tmp_path)
+    assert decoding_for(parse_args([]), tmp_path) == Decoding(96, 1.1, 0)
+    assert decoding_for(parse_args(["--temperature", "0.7", "--top-p", "0.9"]), tmp_path) == Decoding(96, 1.1, 0, 0.7, 0.9)
+    assert decoding_for(parse_args(["--repetition-penalty", "1.0"]), tmp_path).repetition_penalty == 1.0
