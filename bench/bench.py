@@ -330,6 +330,16 @@ def args_warmup(r: dict) -> int:
     return r["steps"] - round(r["seconds"] / r["step_s"])
 
 
+def describe_run(setup_info: dict, meta: dict, warmup: int, steps: int) -> str:
+    """The paragraph printed above the table (bench/tables.py prints it again from the `--out` JSON)."""
+    return (f"Llama-2-7B-shaped model, random weights, vocab {setup_info['vocab']} (the SmolLM2 tokenizer that produced the data), "
+            f"QLoRA NF4 + double quant, LoRA r=8 on q_proj,v_proj; data/quotes.csv train split tokenized by the project "
+            f"({meta['stats']['train']['rows']} rows, {meta['stats']['train']['tokens']} tokens), repeated; "
+            f"{warmup} warm-up + {steps} timed optimizer steps of 16 examples, same examples in the same order for every variant. "
+            f"bf16 matrix rate measured in the run: {setup_info['bf16_matmul_tflops']:.0f} TFLOP/s. "
+            f"torch {setup_info['torch']}, {', '.join(f'{k} {v}' for k, v in setup_info['versions'].items())}.\n")
+
+
 def fmt_table(setup_info: dict, results: list[dict], meta: dict) -> str:
     train_tokens = meta["stats"]["train"]["tokens"]
     layer_params = SHAPE_7B["num_hidden_layers"] * (4 * SHAPE_7B["hidden_size"] ** 2 + 3 * SHAPE_7B["hidden_size"] * SHAPE_7B["intermediate_size"])
@@ -396,16 +406,14 @@ def run(args) -> None:
         print(f"{name}: {layout}\n  {json.dumps(short)}", flush=True)
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "bench.json").write_text(json.dumps({"setup": setup_info, "results": results}, indent=2))
+            # everything bench/tables.py needs to print this run's table again (commit it under bench/results/)
+            (Path(args.out) / "bench.json").write_text(json.dumps(
+                {"command": " ".join(sys.argv), "date": dt.date.today().isoformat(), "warmup": args.warmup,
+                 "steps": args.steps, "meta": meta, "setup": setup_info, "results": results}, indent=2))
     table = fmt_table(setup_info, results, meta)
     date = dt.date.today().isoformat()
     header = (f"### {setup_info['card']} ({setup_info['card_memory_gib']:.0f} GiB), {date}\n\n"
-              f"Llama-2-7B-shaped model, random weights, vocab {setup_info['vocab']} (the SmolLM2 tokenizer that produced the data), "
-              f"QLoRA NF4 + double quant, LoRA r=8 on q_proj,v_proj; data/quotes.csv train split tokenized by the project "
-              f"({meta['stats']['train']['rows']} rows, {meta['stats']['train']['tokens']} tokens), repeated; "
-              f"{args.warmup} warm-up + {args.steps} timed optimizer steps of 16 examples, same examples in the same order for every variant. "
-              f"bf16 matrix rate measured in the run: {setup_info['bf16_matmul_tflops']:.0f} TFLOP/s. "
-              f"torch {setup_info['torch']}, {', '.join(f'{k} {v}' for k, v in setup_info['versions'].items())}.\n")
+              + describe_run(setup_info, meta, args.warmup, args.steps))
     print("\n" + header + "\n" + table)
     if args.write:
         with open(args.write, "a", encoding="utf-8") as f:

@@ -92,3 +92,25 @@ def test_dockerfile_matches_the_templates():
         assert var in text
     for copied in ("personatune", "flows", "tasks", "data", "configs", "prefect.yaml"):
         assert (ROOT / copied).exists(), copied
+
+
+def test_dockerfile_pins_a_stack_within_the_package_bounds():
+    """The image pins the GPU stack that was run; pyproject's lower bounds must admit it (else the bounds claim a
+    version the image does not have, or the image installs what pyproject forbids)."""
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    text = (DEPLOY / "Dockerfile").read_text()
+    pins = {Requirement(p).name.lower().replace("_", "-"): Version(p.split("==")[1])
+            for p in re.findall(r'"([A-Za-z0-9_.-]+==[0-9][^"]*)"', text)}
+    assert {"torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "huggingface-hub"} <= set(pins)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    bounds = {r.name.lower().replace("_", "-"): r.specifier for r in map(Requirement, project["dependencies"])}
+    outside = {name: f"{version} vs {bounds[name]}" for name, version in pins.items()
+               if name in bounds and not bounds[name].contains(version)}
+    assert outside == {}, f"Dockerfile pins outside pyproject.toml's bounds: {outside}"
+    python = re.search(r"^FROM python:(\d+\.\d+)", text, re.M)
+    assert python and Version(python.group(1)) in Requirement(f"python{project['requires-python']}").specifier
