@@ -17,7 +17,7 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.logging import get_run_logger
 
-from personatune.bundle import write_bundle
+from personatune.bundle import inline_images, write_bundle
 from personatune.config import from_mapping
 from personatune.hub import HubTransientError, hub_endpoint, push_release, with_retries
 from personatune.release import read_log
@@ -32,7 +32,8 @@ def publish_bundle(config: dict, run_name: str, adapter_dir: str, eval_dir: str,
     """Write the bundle atomically (with its verdict, data diff and rows); attach the report as an artifact."""
     run_dir = write_bundle(from_mapping(config), run_name, adapter_dir, eval_dir, provenance,
                            release={k: release[k] for k in ("verdict", "diff", "champion")}, rows=release["rows"])
-    create_markdown_artifact(key="eval-report", markdown=(run_dir / "report.md").read_text(),
+    # the UI cannot reach the bundle's files: the plot travels inside the artifact
+    create_markdown_artifact(key="eval-report", markdown=inline_images((run_dir / "report.md").read_text(), run_dir),
                              description=f"Evaluation of the persona adapter in {run_dir}")
     return str(run_dir)
 
