@@ -4,9 +4,11 @@
 """
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -53,6 +55,22 @@ def write_bundle(cfg: FinetuneConfig, run_name: str, adapter_dir: str | Path, ev
         (tmp / "training_config.json").write_text(
             json.dumps({"config": cfg.to_dict(), **provenance}, indent=2, sort_keys=True) + "\n")
     return run_dir
+
+
+IMAGE_LINK = re.compile(r"!\[(?P<alt>[^\]]*)\]\((?P<name>[A-Za-z0-9_.-]+\.png)\)")
+
+
+def inline_images(markdown: str, folder: str | Path) -> str:
+    """The report for a viewer that cannot open the files next to it (the Prefect UI's artifact page): each
+    `![alt](name.png)` of a PNG in `folder` becomes a `data:image/png;base64,...` URI. report.md in the bundle
+    keeps the relative link."""
+    def embed(link: re.Match) -> str:
+        png = Path(folder) / link["name"]
+        if not png.is_file():
+            return link[0]
+        return f"![{link['alt']}](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode('ascii')})"
+
+    return IMAGE_LINK.sub(embed, markdown)
 
 
 def render_release(release: dict) -> str:

@@ -87,6 +87,9 @@ def read_rows(text: str, file: str) -> pd.DataFrame:
 
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     records: list[tuple[int, list[str]]] = []
+    # csv stops at 128 KiB per field with "field larger than field limit", a message that names no column;
+    # parse any size and let the cell-length check say which line and column are too long
+    limit = csv.field_size_limit(max(len(text) + 1, csv.field_size_limit()))
     try:
         header = next(reader)
         start = 2
@@ -98,6 +101,8 @@ def read_rows(text: str, file: str) -> pd.DataFrame:
         raise DataValidationError(
             [Problem(file, reader.line_num, None, f"malformed CSV ({e}); check for an unbalanced double quote")]
         ) from None
+    finally:
+        csv.field_size_limit(limit)
 
     header = [h.strip() for h in header]
     missing = [c for c in COLUMNS if c not in header]

@@ -359,7 +359,8 @@ def render_report(result: dict, cfg: FinetuneConfig) -> str:
            f"{result['run_on_rate_eos_only']:.1%} of {min(EOS_ONLY_PROMPTS, result['golden_rows'])} golden prompts."
            if result["run_on_rate_eos_only"] is not None else ""),
         "",
-        f"Training: {t['steps']} optimizer steps, logged loss {t['first_loss']} -> {t['last_loss']}"
+        f"Training: {t['steps']} optimizer steps, logged loss {_fmt(t['first_loss'], '{:.4f}')} -> "
+        f"{_fmt(t['last_loss'], '{:.4f}')}"
         + (f"; kept the checkpoint of step {t['best_step']} (held-out loss {t['best_eval_loss']:.4f})"
            if t.get("best_step") is not None and t.get("best_eval_loss") is not None else "") + ".",
         "",

@@ -12,7 +12,8 @@ for callers that do not use releases.
 Errors from the Hub are turned into two exception types whose messages say what to fix and never hold the
 token (they carry no reference to the failed HTTP request, whose headers do):
 
-- `HubTransientError`: connection errors, 429 and 5xx. Worth retrying (the Prefect task does, with backoff).
+- `HubTransientError`: connection errors, 429 and 5xx. Worth retrying: `with_retries` does, with exponential
+  backoff, waiting at least as long as the Hub's `Retry-After` asks.
 - `HubPublishError`: everything else (401/403/404, bad repo id, offline mode, no token). Retrying won't help.
 
 `HF_ENDPOINT` is read at call time, so a self-hosted Hub-compatible server (or the test server) works.
@@ -22,8 +23,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import random
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,11 +58,13 @@ holds the promoted release.
 
 
 class HubError(RuntimeError):
-    """Publishing to or loading from the Hub failed. `status` is the HTTP status, if any."""
+    """Publishing to or loading from the Hub failed. `status` is the HTTP status, if any; `retry_after` the
+    seconds the Hub asked to wait (its `Retry-After` header), if it did."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 class HubTransientError(HubError):
@@ -306,13 +311,66 @@ def _translate(exc: BaseException, what: str, repo_id: str, endpoint: str, token
                 f"{what}: {repo_id!r} (or that revision) was not found at {endpoint} (404){hint}. Check the repo "
                 "id (--hub-repo / --adapter), the revision, HF_ENDPOINT, and that the token can see the repo", status)
         if status == 429 or status >= 500:
-            return HubTransientError(f"{what}: the Hub at {endpoint} answered {status}{hint}; will retry", status)
+            wait = retry_after_seconds(exc.response.headers.get("Retry-After"))
+            asked = f", asking to wait {wait:g} s (Retry-After)" if wait is not None else ""
+            return HubTransientError(f"{what}: the Hub at {endpoint} answered {status}{asked}{hint}; will retry",
+                                     status, retry_after=wait)
         return HubPublishError(f"{what}: the Hub at {endpoint} answered {status}: {detail}{hint}", status)
     if _is_connection_error(exc):
         return HubTransientError(f"{what}: cannot reach {endpoint} ({type(exc).__name__}); will retry")
     if isinstance(exc, ValueError):  # e.g. the Hub rejected the model card metadata
         return HubPublishError(f"{what}: {_scrub(str(exc), token)}")
     return HubPublishError(f"{what}: {type(exc).__name__}: {_scrub(str(exc), token)}")
+
+
+def retry_after_seconds(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """The `Retry-After` header as seconds from now: delay-seconds ("120") or an HTTP date (RFC 9110)."""
+    from email.utils import parsedate_to_datetime
+
+    value = (value or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, (when - (now or dt.datetime.now(dt.timezone.utc))).total_seconds())
+
+
+RETRY_DELAYS_S = (2, 4, 8, 16)  # exponential backoff between the attempts of a push
+RETRY_JITTER = 0.2              # +-20%, so workers that failed together do not come back together
+MAX_RETRY_AFTER_S = 300         # a longer wait asked by the Hub fails the push (run it again later) instead
+
+
+def with_retries(call, *, delays=RETRY_DELAYS_S, jitter: float = RETRY_JITTER, sleep=time.sleep, log=None,
+                 max_retry_after: float = MAX_RETRY_AFTER_S, rng: random.Random | None = None):
+    """`call()`, again after each HubTransientError (connection refused or reset, timeout, 412, 429, 5xx), up to
+    `len(delays)` more times. Before retry n it waits `delays[n]` seconds +- `jitter`, or the Hub's Retry-After
+    if that is longer; a Retry-After above `max_retry_after` gives up at once. `sleep` and `log` are
+    parameters so a caller (or a test) decides how to wait and where the lines go. HubPublishError (a bad token,
+    no rights, a missing repo) is never retried."""
+    rng = rng or random.Random()
+    for attempt in range(len(delays) + 1):
+        try:
+            return call()
+        except HubTransientError as e:
+            error = e
+        if attempt == len(delays):
+            raise error
+        wait = delays[attempt] * (1 + jitter * (2 * rng.random() - 1))
+        if error.retry_after is not None:
+            if error.retry_after > max_retry_after:
+                raise HubTransientError(f"{error}; the Hub asks to wait {error.retry_after:g} s, more than the "
+                                        f"{max_retry_after:g} s a push waits: run it again later", error.status,
+                                        retry_after=error.retry_after)
+            wait = max(wait, error.retry_after)
+        if log:
+            log(f"{error} (attempt {attempt + 1} of {len(delays) + 1}); retrying in {wait:.1f} s")
+        sleep(wait)
 
 
 def _is_connection_error(exc: BaseException) -> bool:

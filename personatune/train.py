@@ -240,13 +240,16 @@ def split_at_most(effective: int, cap: int) -> int:
     return max(m for m in range(1, min(cap, effective) + 1) if effective % m == 0)
 
 
-def train_with_oom_backoff(cfg: FinetuneConfig, *args, log=print, **kwargs) -> Path:
+def train_with_oom_backoff(cfg: FinetuneConfig, *args, log=print, free_memory=None, **kwargs) -> Path:
     """`train_adapter`, but a CUDA out-of-memory error retries with half the micro-batch and more gradient
     accumulation, so the optimizer step (and what is learned) stays the same; it says so through `log`.
     The retry resumes from the last checkpoint when there is one. Gives up at one example per pass.
-    """
-    import gc
 
+    Before the retry the failed Trainer, model and optimizer state must be gone, or the retry starts with the
+    memory that just ran out still held: they are referenced from the exception's traceback (train_adapter's
+    frame), so the exception is dropped first, then `free_memory` (default: `free_accelerator_memory`) runs.
+    """
+    free_memory = free_memory or free_accelerator_memory
     cap = None
     while True:
         try:
@@ -255,10 +258,19 @@ def train_with_oom_backoff(cfg: FinetuneConfig, *args, log=print, **kwargs) -> P
             used = getattr(oom, "micro_batch_size", cfg.micro_batch_size)
             if used <= 1:
                 raise
-            effective = cfg.micro_batch_size * cfg.grad_accum
-            cap = split_at_most(effective, used // 2)
-            log(f"CUDA out of memory at micro_batch_size={used}; retrying with micro_batch_size={cap} x "
-                f"grad_accum={effective // cap} (effective batch {effective} kept)")
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        # out of the except block: the exception, its traceback and the failed run's frames are released here
+        effective = cfg.micro_batch_size * cfg.grad_accum
+        cap = split_at_most(effective, used // 2)
+        log(f"CUDA out of memory at micro_batch_size={used}; retrying with micro_batch_size={cap} x "
+            f"grad_accum={effective // cap} (effective batch {effective} kept)")
+        free_memory()
+
+
+def free_accelerator_memory() -> None:
+    """Collect what the failed run left (its objects reference each other, so reference counting alone does not
+    free them), then hand the CUDA caching allocator's free blocks back."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -44,7 +44,7 @@ STAGE_MODULES = {
     "score": ("personatune.evaluate",),
     "evaluate": ("personatune.evaluate",),
 }
-NOT_HASHED = ("out_dir", "config")
+NOT_HASHED = ("out_dir", "config", "callbacks")  # callbacks observe or inject faults; they change no output
 # Inputs named by content elsewhere in the key (a score's adapter by its sha256), so where they lie does not matter.
 NOT_HASHED_PER_STAGE = {"score": ("adapter_dir",)}
 

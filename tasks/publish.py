@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.logging import get_run_logger
-from prefect.tasks import exponential_backoff
 
-from personatune.bundle import write_bundle
+from personatune.bundle import inline_images, write_bundle
 from personatune.config import from_mapping
-from personatune.hub import HubTransientError, hub_endpoint, push_release
+from personatune.hub import HubTransientError, hub_endpoint, push_release, with_retries
 from personatune.release import read_log
 
 TOKEN_BLOCK_ENV = "PERSONATUNE_HF_TOKEN_BLOCK"
@@ -32,7 +32,8 @@ def publish_bundle(config: dict, run_name: str, adapter_dir: str, eval_dir: str,
     """Write the bundle atomically (with its verdict, data diff and rows); attach the report as an artifact."""
     run_dir = write_bundle(from_mapping(config), run_name, adapter_dir, eval_dir, provenance,
                            release={k: release[k] for k in ("verdict", "diff", "champion")}, rows=release["rows"])
-    create_markdown_artifact(key="eval-report", markdown=(run_dir / "report.md").read_text(),
+    # the UI cannot reach the bundle's files: the plot travels inside the artifact
+    create_markdown_artifact(key="eval-report", markdown=inline_images((run_dir / "report.md").read_text(), run_dir),
                              description=f"Evaluation of the persona adapter in {run_dir}")
     return str(run_dir)
 
@@ -72,7 +73,8 @@ def _logger():
 
 
 def retry_if_transient(task, task_run, state) -> bool:
-    """Retry connection errors, 429 and 5xx; 401/403/404 and configuration problems fail at once."""
+    """Retry connection errors, 429 and 5xx; 401/403/404 and configuration problems fail at once (a Prefect
+    `retry_condition_fn`, for tasks that leave the waiting to Prefect)."""
     try:
         state.result()
     except HubTransientError:
@@ -91,12 +93,14 @@ def _run_label() -> str | None:
         return None
 
 
-@task(name="push_to_hub", retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-      retry_jitter_factor=0.2, retry_condition_fn=retry_if_transient)
-def push_to_hub(config: dict, run_dir: str, promoted: bool, entry: dict) -> dict:
+@task(name="push_to_hub")
+def push_to_hub(config: dict, run_dir: str, promoted: bool, entry: dict, sleep=time.sleep) -> dict:
     """Push the bundle to its release branch `release/<run>` of `hub_repo`; if it was promoted, `main` too.
 
-    `entry` is this run's line of the release log (recorded after the push): the model card's history shows it."""
+    `entry` is this run's line of the release log (recorded after the push): the model card's history shows it.
+    Connection errors, 429 and 5xx are retried here (`personatune.hub.with_retries`: 2, 4, 8, 16 s, or the
+    Hub's Retry-After when longer), not by Prefect, whose retry delays cannot follow Retry-After; `sleep` is
+    how the task waits."""
     cfg = from_mapping(config)
     log = get_run_logger()
     run = Path(run_dir).name
@@ -108,8 +112,10 @@ def push_to_hub(config: dict, run_dir: str, promoted: bool, entry: dict) -> dict
     token, source = hub_token()
     log.info("pushing %s to %s at %s (token from %s; repo created %s if missing)", run, cfg.hub_repo,
              hub_endpoint(), source, "private" if cfg.hub_private else "public")
-    pushed = push_release(run_dir, cfg.hub_repo, token, private=cfg.hub_private, run_label=_run_label(),
-                          promote=promoted, releases=read_log(cfg.output_dir) + [entry])
+    releases = read_log(cfg.output_dir) + [entry]
+    pushed = with_retries(lambda: push_release(run_dir, cfg.hub_repo, token, private=cfg.hub_private,
+                                               run_label=_run_label(), promote=promoted, releases=releases),
+                          sleep=sleep, log=log.warning)
     where = f"main and {pushed.branch}" if promoted else f"{pushed.branch} only (main keeps the champion)"
     result.update(status="pushed" if promoted else "branch", branch=pushed.branch,
                   commit_url=pushed.main_commit_url or pushed.branch_commit_url,

@@ -24,7 +24,8 @@ commit on main holding `.gitattributes`, as on the Hub; `HubServer(initial_commi
 
 Auth: every request with an `Authorization: Bearer ...` header must carry one of `tokens` (else 401); writes
 need one; private repos are invisible (404) without one. `fail(method, pattern, [500, 500])` makes the next
-matching requests answer those statuses. `requests` records (method, path, status) per request; it never
+matching requests answer those statuses (`headers=` adds response headers, e.g. `{"Retry-After": "7"}`).
+`HubServer(port=N)` listens on that port (default: a free one). `requests` records (method, path, status) per request; it never
 records headers, so no token is kept.
 
     with HubServer(tokens={"hf_x"}) as hub:
@@ -79,21 +80,22 @@ BAD_REF = re.compile(r"^refs/|^/|/$|//|\.\.|@\{|[\x00-\x20~^:?*\[\\\x7f]|\.lock(
 
 
 class HubServer:
-    def __init__(self, tokens: dict[str, str] | set[str], host: str = "127.0.0.1", initial_commit: bool = True):
+    def __init__(self, tokens: dict[str, str] | set[str], host: str = "127.0.0.1", initial_commit: bool = True,
+                 port: int = 0):
         # token -> user name (a set of tokens all belong to user "you")
         self.tokens = dict(tokens) if isinstance(tokens, dict) else {t: "you" for t in tokens}
         self.initial_commit = initial_commit
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, int]] = []
-        self._failures: list[tuple[str, re.Pattern, list[int]]] = []
+        self._failures: list[tuple[str, re.Pattern, list[int], dict[str, str]]] = []
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer((host, 0), _make_handler(self))
+        self._httpd = ThreadingHTTPServer((host, port), _make_handler(self))
         self.url = f"http://{host}:{self._httpd.server_address[1]}"
 
     # --- control from tests -----------------------------------------------------------------------------
-    def fail(self, method: str, pattern: str, statuses: list[int]) -> None:
-        """The next len(statuses) requests matching method + path regex answer these statuses."""
-        self._failures.append((method, re.compile(pattern), list(statuses)))
+    def fail(self, method: str, pattern: str, statuses: list[int], headers: dict[str, str] | None = None) -> None:
+        """The next len(statuses) requests matching method + path regex answer these statuses (with `headers`)."""
+        self._failures.append((method, re.compile(pattern), list(statuses), dict(headers or {})))
 
     def calls(self, method: str | None = None, pattern: str = "") -> list[tuple[str, str, int]]:
         return [r for r in self.requests if (method is None or r[0] == method) and re.search(pattern, r[1])]
@@ -107,10 +109,10 @@ class HubServer:
         self._httpd.server_close()
 
     # --- routing -----------------------------------------------------------------------------------------
-    def injected_failure(self, method: str, path: str) -> int | None:
-        for m, pattern, statuses in self._failures:
+    def injected_failure(self, method: str, path: str) -> tuple[int, dict[str, str]] | None:
+        for m, pattern, statuses, headers in self._failures:
             if m == method and statuses and pattern.search(path):
-                return statuses.pop(0)
+                return statuses.pop(0), dict(headers)
         return None
 
     def handle(self, method: str, path: str, query: dict, user: str | None, body: bytes):
@@ -340,9 +342,9 @@ def _make_handler(server: HubServer):
             auth = self.headers.get("Authorization", "")
             token = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else None
             user = server.tokens.get(token) if token else None
-            status = server.injected_failure(method, url.path)
-            if status is not None:
-                headers, payload = {}, {"error": f"injected {status}"}
+            injected = server.injected_failure(method, url.path)
+            if injected is not None:
+                (status, headers), payload = injected, {"error": f"injected {injected[0]}"}
             elif token is not None and user is None:
                 status, headers, payload = 401, {}, {"error": "Invalid credentials in Authorization header"}
                 headers["X-Error-Message"] = "Invalid credentials in Authorization header"

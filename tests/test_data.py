@@ -37,6 +37,23 @@ def test_scaffold_marker_and_formula_cells(tmp_path, good_rows):
     assert (4, "response") == probs[1][:2] and "formula" in probs[1][2]
 
 
+def test_huge_cell_names_line_and_column_and_writes_nothing(tmp_path, good_rows):
+    """A 2 MB reply (a paste gone wrong) is one located problem, not csv's "field larger than field limit"."""
+    import csv
+
+    limit = csv.field_size_limit()
+    good_rows[6][2] = "Darkness. " * 200_000  # 2,000,000 characters, far past csv's 131,072 per field
+    path = write_csv(tmp_path / "q.csv", good_rows)
+    assert path.stat().st_size > 2_000_000
+    with pytest.raises(DataValidationError) as err:
+        build_dataset(path, 0.2, tmp_path / "dataset")
+    assert [(p.file, p.line, p.column, p.message) for p in err.value.problems] == [
+        (str(path), 8, "response", "cell is longer than 2000 characters")]
+    assert f"{path}:8: column 'response': cell is longer than 2000 characters" in str(err.value)
+    assert not (tmp_path / "dataset").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert csv.field_size_limit() == limit  # the parser's limit is raised for this file only
+
+
 def test_missing_and_extra_columns(tmp_path, good_rows):
     rows = [r[:2] + ["x"] for r in good_rows]
     probs = problems_of(write_csv(tmp_path / "q.csv", rows, header=("instruction", "prompt", "response")))

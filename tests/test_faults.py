@@ -99,36 +99,183 @@ def test_two_concurrent_runs_finish_in_separate_folders(tmp_path, small_csv):
     assert a["config"]["seed"] == 1 and b["config"]["seed"] == 2
 
 
-def test_cuda_oom_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_path, small_csv, base_model_dir, tokenizer):
-    from transformers import TrainerCallback
-
+def prepared_training(tmp_path: Path, csv: Path, tokenizer, base_model_dir: str, **settings):
+    """Config, tokenized data and initial adapter of a tiny run (the core functions, no Prefect)."""
     from personatune.config import FinetuneConfig
     from personatune.data import build_dataset
     from personatune.model import build_model
     from personatune.tokenization import tokenize_dataset
+
+    cfg = FinetuneConfig(quotes_csv=str(csv), eval_fraction=0.2, output_dir=str(tmp_path / "outputs"), **settings)
+    ds = build_dataset(csv, cfg.eval_fraction, tmp_path / "ds")
+    tok_dir = tokenize_dataset(ds, tokenizer, cfg.max_seq_len, cfg.on_long_row, tmp_path / "tok")
+    return cfg, tok_dir, build_model(base_model_dir, cfg, tmp_path / "init")
+
+
+def trainer_callback(**hooks):
+    """A `TrainerCallback` with the given hooks (on_step_begin=..., ...): faults injected the way a card shows
+    them, through the training function's own `callbacks` parameter."""
+    from transformers import TrainerCallback
+
+    return type("Injected", (TrainerCallback,), hooks)()
+
+
+def test_cuda_oom_halves_the_micro_batch_and_frees_the_failed_model_first(tmp_path, small_csv, base_model_dir,
+                                                                          tokenizer):
+    """No checkpoint yet (the OOM comes before step 1): every attempt starts over with half the micro-batch.
+    When memory is released, the model of the failed attempt must already be unreachable."""
+    import gc
+    import weakref
+
     from personatune.train import train_with_oom_backoff
 
-    class OOMAboveOne(TrainerCallback):
-        """Fault injection: behaves like a card that only fits one example per forward pass."""
-        seen: list = []
+    seen, failed, freed = [], [], []
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.seen.append((args.per_device_train_batch_size, args.gradient_accumulation_steps))
+    def on_train_begin(self, args, state, control, **kwargs):
+        seen.append((args.per_device_train_batch_size, args.gradient_accumulation_steps))
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            if args.per_device_train_batch_size > 1:
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if args.per_device_train_batch_size > 1:  # a card that only fits one example per forward pass
+            failed.append(weakref.ref(model))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-    cfg = FinetuneConfig(quotes_csv=str(small_csv), micro_batch_size=4, grad_accum=2, max_steps=1, eval_fraction=0.2)
-    ds = build_dataset(small_csv, cfg.eval_fraction, tmp_path / "ds")
-    tok_dir = tokenize_dataset(ds, tokenizer, cfg.max_seq_len, cfg.on_long_row, tmp_path / "tok")
-    init = build_model(base_model_dir, cfg, tmp_path / "init")
+    def free_memory():  # where the real one calls torch.cuda.empty_cache()
+        gc.collect()
+        freed.append([ref() is None for ref in failed])
+
+    cfg, tok_dir, init = prepared_training(tmp_path, small_csv, tokenizer, base_model_dir, micro_batch_size=4,
+                                           grad_accum=2, max_steps=1)
     messages = []
     adapter = train_with_oom_backoff(cfg, base_model_dir, init / "adapter", tok_dir, tmp_path / "adapter",
-                                     callbacks=[OOMAboveOne()], log=messages.append)
-    assert OOMAboveOne.seen == [(4, 2), (2, 4), (1, 8)]  # effective batch 8 throughout
+                                     callbacks=[trainer_callback(on_train_begin=on_train_begin,
+                                                                 on_step_begin=on_step_begin)],
+                                     log=messages.append, free_memory=free_memory)
+    assert seen == [(4, 2), (2, 4), (1, 8)]  # effective batch 8 throughout
     assert len(messages) == 2 and "retrying with micro_batch_size=2 x grad_accum=4 (effective batch 8" in messages[0]
+    assert freed == [[True], [True, True]]  # each failed model collected before the memory was released
     assert (adapter / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture
+def prefect_api(tmp_path, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(tmp_path / "prefect-home" / "storage"))
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_cuda_oom_after_a_checkpoint_resumes_from_it_in_the_training_task(tmp_path, small_csv, base_model_dir,
+                                                                          tokenizer, prefect_api, capfd):
+    """Through the Prefect task: a checkpoint every 2 steps, out of memory before step 3. The task retries with
+    half the micro-batch and twice the accumulation, resumes at step 2 (steps 1-2 are not trained again), and
+    the failed attempt's model is gone before the retry loads its own."""
+    import weakref
+
+    from tasks.train import train_lora
+
+    attempts, failed = [], []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        attempts.append({"batch": (args.per_device_train_batch_size, args.gradient_accumulation_steps),
+                         "steps": [], "failed_models_alive": [ref() is not None for ref in failed]})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        attempts[-1]["steps"].append(state.global_step)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 2 and args.per_device_train_batch_size > 2:
+            checkpoints = Path(args.output_dir)
+            attempts[-1]["checkpoints"] = sorted(p.parent.name for p in checkpoints.glob("checkpoint-*/trainer_state.json"))
+            failed.append(weakref.ref(model))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    cfg, tok_dir, init = prepared_training(tmp_path, small_csv, tokenizer, base_model_dir, micro_batch_size=4,
+                                           grad_accum=2, max_steps=4, eval_every_steps=2)
+    # the Prefect task itself (train_lora wraps it with the stage cache, which needs a flow around it)
+    adapter = Path(train_lora.task(out_dir=str(tmp_path / "adapter"), config=cfg.to_dict(), base_model=base_model_dir,
+                                   model_fingerprint="test", init_adapter=str(init), tokenized_dir=str(tok_dir),
+                                   callbacks=[trainer_callback(on_train_begin=on_train_begin, on_step_end=on_step_end,
+                                                               on_step_begin=on_step_begin)]))
+    first, retry = attempts
+    assert first["batch"] == (4, 2) and first["steps"] == [1, 2]
+    assert first["checkpoints"] == ["checkpoint-2"]  # the fault comes after a complete checkpoint
+    assert retry["batch"] == (2, 4) and retry["steps"] == [3, 4]  # resumed: steps 1 and 2 not redone
+    assert retry["failed_models_alive"] == [False]
+    history = json.loads((adapter / "history.json").read_text())
+    assert history["resumed_from"] == "checkpoint-2" and history["global_step"] == 4
+    assert [e["step"] for e in history["loss"]] == [1, 2, 3, 4]
+    assert ("Task run 'train' - CUDA out of memory at micro_batch_size=4; retrying with micro_batch_size=2 x "
+            "grad_accum=4 (effective batch 8 kept)") in capfd.readouterr().err  # the task's run logger
+    assert (adapter / ".complete").is_file() and not adapter.with_name(adapter.name + ".checkpoints").exists()
+
+
+def test_an_incomplete_checkpoint_is_skipped_on_resume(tmp_path, small_csv, base_model_dir, tokenizer):
+    """A kill while checkpoint-2 was being saved leaves it without trainer_state.json (the Trainer writes it
+    last): the next run resumes from checkpoint-1, the newest complete one."""
+    from personatune.train import train_adapter
+
+    steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        steps.append(state.global_step)
+
+    def killed_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise KeyboardInterrupt("killed before step 3")
+
+    cfg, tok_dir, init = prepared_training(tmp_path, small_csv, tokenizer, base_model_dir, micro_batch_size=8,
+                                           grad_accum=1, max_steps=3, eval_every_steps=1)
+    adapter, checkpoints = tmp_path / "adapter", tmp_path / "adapter.checkpoints"
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(cfg, base_model_dir, init / "adapter", tok_dir, adapter, checkpoints,
+                      callbacks=[trainer_callback(on_step_begin=killed_at_step_3)])
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    (checkpoints / "checkpoint-2" / "trainer_state.json").unlink()  # what a kill mid-save leaves
+
+    train_adapter(cfg, base_model_dir, init / "adapter", tok_dir, adapter, checkpoints,
+                  callbacks=[trainer_callback(on_step_end=on_step_end)])
+    history = json.loads((adapter / "history.json").read_text())
+    assert history["resumed_from"] == "checkpoint-1" and history["global_step"] == 3
+    assert steps == [2, 3]  # step 2 trained again (its checkpoint was incomplete), step 1 not
+
+
+WRITER = """
+import sys, time
+from personatune.files import atomic_dir
+with atomic_dir(sys.argv[1]) as tmp:
+    (tmp / "half.bin").write_bytes(b"x" * 4096)
+    print(tmp, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_temp_folder_of_a_killed_writer_is_removed_and_live_writers_keep_theirs(tmp_path):
+    """Two processes write `final` through atomic_dir; one is SIGKILLed mid-write and leaves its temp folder.
+    The next writer removes that orphan (its pid is dead), keeps the live writer's folder, and completes."""
+    from personatune.files import atomic_dir, is_complete
+
+    final = tmp_path / "outputs" / "run-1"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(final)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    try:
+        killed, live = (Path(w.stdout.readline().strip()) for w in writers)
+        assert killed.name.startswith(f".tmp-run-1-{writers[0].pid}-") and (killed / "half.bin").is_file()
+        writers[0].kill()
+        writers[0].wait()
+        assert killed.is_dir()  # the orphan: nobody removed it when its writer died
+
+        with atomic_dir(final) as tmp:
+            assert not killed.exists()  # removed when this writer started
+            assert (live / "half.bin").is_file()  # a live writer's folder is left alone
+            (tmp / "done.txt").write_text("ok")
+        assert is_complete(final) and (final / "done.txt").read_text() == "ok"
+        assert writers[1].poll() is None and live.is_dir()
+    finally:
+        for w in writers:
+            w.kill()
+            w.wait()
 
 
 def test_missing_base_model_fails_before_any_work(tmp_path, small_csv):

@@ -291,3 +291,78 @@ def test_hub_errors_say_what_to_fix(env, hub, tmp_path):
         push_bundle(tmp_path, REPO, TOKEN, endpoint="http://127.0.0.1:9")
     with pytest.raises(HubPublishError, match="no Hugging Face token"):
         push_bundle(tmp_path, REPO, None)
+
+
+def push_task_config(params: dict, repo: str) -> tuple[dict, dict]:
+    """The push task's config and release-log entry for the module's local run (its bundle and log line)."""
+    from personatune.config import from_mapping
+    from personatune.release import read_log
+
+    config = from_mapping({**params, "hub_repo": repo}).to_dict()
+    return config, read_log(config["output_dir"])[-1]
+
+
+def test_push_waits_for_a_hub_that_refuses_connections_then_answers(local_run, monkeypatch, caplog):
+    """Nothing listens on the Hub's port for the first two attempts (connection refused); the server starts
+    during the second wait, and the third attempt pushes. The waits are the backoff's 2 s and 4 s (+-20%)."""
+    import socket
+
+    from tasks.publish import push_to_hub
+
+    params, summary = local_run
+    with socket.socket() as probe:  # a port nobody listens on: connections to it are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    late: list[HubServer] = []
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 2:  # the Hub comes back while the task waits for its third attempt
+            late.append(HubServer(tokens={TOKEN: "you"}, port=port).__enter__())
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    caplog.set_level(logging.WARNING)
+    config, entry = push_task_config(params, "you/late-adapter")
+    try:
+        result = push_to_hub(config, summary["run_dir"], True, entry, sleep=sleep)
+        assert result["status"] == "pushed" and result["branch"] == "release/local"
+        assert len(waits) == 2 and 1.6 <= waits[0] <= 2.4 and 3.2 <= waits[1] <= 4.8
+        (server,) = late
+        assert server.requests[0][:2] == ("GET", "/api/whoami-v2")  # the third attempt, from its start
+        bundle = Path(summary["run_dir"])
+        assert server.repos["you/late-adapter"].resolve("main").files["adapter_model.safetensors"] == \
+            (bundle / "adapter_model.safetensors").read_bytes()
+        assert caplog.text.count(f"cannot reach http://127.0.0.1:{port}") == 2 and "retrying in" in caplog.text
+        assert_no_token(TOKEN, texts=[caplog.text])
+    finally:
+        for server in late:
+            server.__exit__()
+
+
+def test_push_honours_retry_after_on_429(local_run, hub, monkeypatch, caplog):
+    """429 with Retry-After: 7 on the commit: the task waits 7 s (not the 2 s of its backoff) and the push lands
+    with one commit on the branch and one on main. A Retry-After of an hour fails at once, saying so."""
+    from personatune.hub import HubTransientError
+    from tasks.publish import push_to_hub
+
+    params, summary = local_run
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    caplog.set_level(logging.WARNING)
+    config, entry = push_task_config(params, "you/ratelimited-adapter")
+    hub.fail("POST", r"/you/ratelimited-adapter/commit/", [429], headers={"Retry-After": "7"})
+    start, waits = len(hub.requests), []
+    result = push_to_hub(config, summary["run_dir"], True, entry, sleep=waits.append)
+    assert result["status"] == "pushed"
+    assert waits == [7.0]
+    assert [r[2] for r in hub_requests_since(hub, start) if "/commit/" in r[1]] == [429, 200, 200]
+    assert len(hub.repos["you/ratelimited-adapter"].commits) == 1 + 2  # the Hub's first, then branch and main
+    assert "answered 429, asking to wait 7 s (Retry-After)" in caplog.text and "retrying in 7.0 s" in caplog.text
+
+    hub.fail("POST", r"/you/patient-adapter/commit/", [429], headers={"Retry-After": "3600"})
+    config, entry = push_task_config(params, "you/patient-adapter")
+    waits.clear()
+    with pytest.raises(HubTransientError, match="asks to wait 3600 s, more than the 300 s a push waits"):
+        push_to_hub(config, summary["run_dir"], True, entry, sleep=waits.append)
+    assert waits == []

@@ -111,3 +111,25 @@ def test_run_button_quick_and_custom_runs(stack, page):
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
     print(f"\n[ui] screenshot of the finished run page: {shot}")
+
+
+def test_eval_report_artifact_shows_the_plot_and_rounded_numbers(stack, page):
+    """The `eval-report` artifact as the UI shows it: the loss plot is an image that loaded (it travels inside
+    the artifact as a data URI; the bundle's relative `eval_plot.png` is out of the browser's reach) and the
+    training losses are rounded as in the table."""
+    run_id = stack.run(FINETUNE)  # the deployment's defaults: served from the stage cache after the runs above
+    run = stack.wait(run_id)
+    assert run["state"]["type"] == "COMPLETED", f"{run['state']}\n{stack.logs(run_id)}"
+    artifact = stack.artifacts(run_id)["eval-report"]
+    losses = re.search(r"logged loss (\S+) -> (\d+(?:\.\d+)?)", artifact["data"])
+    assert losses and all(re.fullmatch(r"\d+\.\d{4}", x) for x in losses.groups()), artifact["data"][:2000]
+
+    page.goto(f"{stack.url}/artifacts/artifact/{artifact['id']}")
+    plot = page.locator("img[alt='training curves and base / champion / challenger']")
+    plot.wait_for()
+    page.wait_for_function("img => img.complete", arg=plot.element_handle())
+    assert plot.get_attribute("src").startswith("data:image/png;base64,")
+    assert plot.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [1100, 380]  # 11 x 3.8 in at 100 dpi
+    page.get_by_text(f"logged loss {losses[1]} -> {losses[2]}").first.wait_for()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui-eval-report.png"), full_page=True)
