@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,6 +46,9 @@ def code_version(*modules: str) -> str:
     return h.hexdigest()[:16]
 
 
+_AST_LOCK = threading.Lock()
+
+
 def module_closure(*modules: str) -> set[str]:
     """The `personatune` modules (file stems) that the given modules import, transitively, found by parsing
     every import statement of their source, those inside functions too. `__init__` (which runs on any import
@@ -63,7 +67,9 @@ def module_closure(*modules: str) -> set[str]:
         if not path.is_file():
             raise ValueError(f"{package}.{name} is not a module of {root}")
         seen.add(name)
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        with _AST_LOCK:  # ast.parse from two threads at once raised "SystemError: AST constructor recursion
+            tree = ast.parse(path.read_text(encoding="utf-8"))  # depth mismatch" here (CPython 3.11.7, gh-106905)
+        for node in ast.walk(tree):
             found: list[str] = []
             if isinstance(node, ast.Import):
                 found = [a.name for a in node.names]
