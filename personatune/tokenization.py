@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from personatune.data import DataValidationError, Problem
+from personatune.data import COLUMNS, DataValidationError, Problem
 from personatune.files import atomic_dir, is_complete
 from personatune.prompt import format_prompt
 
@@ -27,10 +27,37 @@ def load_tokenizer(tokenizer_dir: str, revision: str | None = None):
     return tok
 
 
+def special_token_strings(tok) -> list[str]:
+    """Every string the tokenizer reads as a control token unless told not to: its named special tokens (BOS, EOS,
+    pad...) and the added tokens marked special (`<|im_start|>`, `<|endoftext|>`, `<repo_name>`... for SmolLM2)."""
+    added = [t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special]
+    return sorted(set(tok.all_special_tokens) | set(added))
+
+
+def special_token_problems(dsd, tok, quotes_csv: str) -> list[Problem]:
+    """A cell holding a special-token string would be trained as that control token (a reply containing the EOS
+    string teaches the model to stop mid-reply; a user cell could open a new turn): one problem per such cell."""
+    specials = special_token_strings(tok)
+    problems = []
+    for ds in dsd.values():
+        for column in COLUMNS:
+            for line, cell in zip(ds["line"], ds[column]):
+                found = [s for s in specials if s in cell]
+                if found:
+                    tokens = ", ".join(f"'{s}'" for s in found)
+                    problems.append(Problem(quotes_csv, line, column, f"contains the tokenizer's special token {tokens}, "
+                                                                      "which would be trained as a control token; remove it"))
+    return sorted(problems, key=lambda p: (p.line, COLUMNS.index(p.column)))
+
+
 def encode_example(tok, instruction: str, user: str, response: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for one row; labels are -100 on the prompt. BOS comes from the tokenizer."""
-    prompt_ids = tok(format_prompt(instruction, user), add_special_tokens=True)["input_ids"]
-    response_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    """(input_ids, labels) for one row; labels are -100 on the prompt. BOS comes from the tokenizer.
+
+    The text is tokenized with `split_special_tokens=True`: a special-token string in a cell stays text, so the
+    one EOS appended here is the only control token an example holds (the tokenize stage rejects such cells
+    anyway; evaluation sets reach this without that check)."""
+    prompt_ids = tok(format_prompt(instruction, user), add_special_tokens=True, split_special_tokens=True)["input_ids"]
+    response_ids = tok(response, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tok.eos_token_id]
     return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
 
 
@@ -38,8 +65,9 @@ def tokenize_dataset(dataset_dir: str | Path, tok, max_seq_len: int, on_long_row
                      quotes_csv: str = "quotes.csv") -> Path:
     """Tokenize both splits with `datasets.map` (batched) and save them as Arrow to `out_dir`.
 
-    Rows longer than `max_seq_len` tokens are rejected with their CSV line, or (on_long_row='truncate') cut
-    at the end of the response, counted in stats.json. Never silently.
+    Cells holding one of the tokenizer's special-token strings are rejected with their CSV line and column. Rows
+    longer than `max_seq_len` tokens are rejected with their CSV line, or (on_long_row='truncate') cut at the end of
+    the response, counted in stats.json. Never silently. Nothing is written on a rejection.
     """
     from datasets import load_from_disk
 
@@ -47,6 +75,9 @@ def tokenize_dataset(dataset_dir: str | Path, tok, max_seq_len: int, on_long_row
     if is_complete(out_dir):
         return out_dir
     dsd = load_from_disk(str(dataset_dir))
+    problems = special_token_problems(dsd, tok, quotes_csv)
+    if problems:
+        raise DataValidationError(problems)
 
     def encode(batch):
         out = {"input_ids": [], "attention_mask": [], "labels": [], "truncated": []}
