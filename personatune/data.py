@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pandera.pandas as pa
 
-from personatune.files import atomic_dir, is_complete
+from personatune.files import atomic_dir, is_complete, stable_hash
 
 COLUMNS = ("instruction", "user", "response")
 MAX_CELL_CHARS = 2000
@@ -219,6 +219,7 @@ def split_of(instruction: str, user: str, eval_fraction: float) -> str:
 def build_dataset(quotes_csv: str | Path, eval_fraction: float, dataset_dir: str | Path) -> Path:
     """Validate `quotes_csv` and save a DatasetDict(train, eval) to `dataset_dir` (Arrow, memory-mapped)."""
     from datasets import Dataset, DatasetDict
+    from datasets.table import InMemoryTable
 
     dataset_dir = Path(dataset_dir)
     df = load_quotes(quotes_csv)
@@ -230,10 +231,13 @@ def build_dataset(quotes_csv: str | Path, eval_fraction: float, dataset_dir: str
         )
     if is_complete(dataset_dir):
         return dataset_dir
-    parts = {
-        name: Dataset.from_pandas(df[df["split"] == name][[*COLUMNS, "line"]], preserve_index=False)
-        for name in ("train", "eval")
-    }
+    parts = {}
+    for name in ("train", "eval"):
+        rows = df[df["split"] == name][[*COLUMNS, "line"]]
+        # the split's `datasets` fingerprint is its content, given here: left to `datasets`, it pickles the table
+        # with dill, which prints disassembled bytecode (into the task log under Prefect's log_prints)
+        fingerprint = stable_hash("personatune.data", name, rows.to_dict("list"))
+        parts[name] = Dataset(InMemoryTable.from_pandas(rows, preserve_index=False), split=name, fingerprint=fingerprint)
     with atomic_dir(dataset_dir) as tmp:
         DatasetDict(parts).save_to_disk(str(tmp))
     return dataset_dir

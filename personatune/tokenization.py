@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from personatune.data import COLUMNS, DataValidationError, Problem
-from personatune.files import atomic_dir, is_complete
+from personatune.files import atomic_dir, code_version, is_complete, sha256_bytes, stable_hash
 from personatune.prompt import format_prompt
 
 IGNORE_INDEX = -100
@@ -61,15 +61,50 @@ def encode_example(tok, instruction: str, user: str, response: str) -> tuple[lis
     return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
 
 
+def encode_batch(batch: dict, tok, max_seq_len: int, on_long_row: str) -> dict:
+    """The `datasets.map` function of `tokenize_dataset`: every input arrives as a parameter (no closure, no
+    module state), and the map's fingerprint is given explicitly (`map_fingerprint`)."""
+    out = {"input_ids": [], "attention_mask": [], "labels": [], "truncated": []}
+    for ins, usr, resp in zip(batch["instruction"], batch["user"], batch["response"]):
+        ids, labels = encode_example(tok, ins, usr, resp)
+        truncated = len(ids) > max_seq_len
+        if truncated and on_long_row == "truncate":
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["labels"].append(labels)
+        out["truncated"].append(truncated)
+    return out
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """What the tokenizer contributes to the tokens: its whole definition (vocabulary, merges, normalizer, added
+    tokens) and the EOS that closes every example."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else stable_hash(tok.get_vocab(), special_token_strings(tok))
+    return stable_hash(sha256_bytes(definition.encode("utf-8")), tok.eos_token_id)
+
+
+def map_fingerprint(split_fingerprint: str, tok, max_seq_len: int, on_long_row: str) -> str:
+    """The tokenized split's `datasets` fingerprint, from everything its content depends on: the input split, the
+    tokenization code (this module and what it imports, e.g. the prompt template), the tokenizer and the limits.
+    Given explicitly, `datasets` does not fingerprint `encode_batch` itself: that hashing pickles the function with
+    dill, which disassembles its bytecode into a captured `sys.stdout` (under Prefect's `log_prints` those lines
+    land in the task log instead, and the globals they name drop out of the fingerprint)."""
+    return stable_hash(split_fingerprint, code_version("personatune.tokenization"), tokenizer_fingerprint(tok),
+                       max_seq_len, on_long_row)
+
+
 def tokenize_dataset(dataset_dir: str | Path, tok, max_seq_len: int, on_long_row: str, out_dir: str | Path,
                      quotes_csv: str = "quotes.csv") -> Path:
     """Tokenize both splits with `datasets.map` (batched) and save them as Arrow to `out_dir`.
 
     Cells holding one of the tokenizer's special-token strings are rejected with their CSV line and column. Rows
     longer than `max_seq_len` tokens are rejected with their CSV line, or (on_long_row='truncate') cut at the end of
-    the response, counted in stats.json. Never silently. Nothing is written on a rejection.
+    the response, counted in stats.json. Never silently. Nothing is written on a rejection, and nothing is cached
+    by `datasets` (no cache files beside the input split): `out_dir`, content-addressed by the caller, is the cache.
     """
-    from datasets import load_from_disk
+    from datasets import DatasetDict, load_from_disk
 
     out_dir = Path(out_dir)
     if is_complete(out_dir):
@@ -79,20 +114,14 @@ def tokenize_dataset(dataset_dir: str | Path, tok, max_seq_len: int, on_long_row
     if problems:
         raise DataValidationError(problems)
 
-    def encode(batch):
-        out = {"input_ids": [], "attention_mask": [], "labels": [], "truncated": []}
-        for ins, usr, resp in zip(batch["instruction"], batch["user"], batch["response"]):
-            ids, labels = encode_example(tok, ins, usr, resp)
-            truncated = len(ids) > max_seq_len
-            if truncated and on_long_row == "truncate":
-                ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-            out["input_ids"].append(ids)
-            out["attention_mask"].append([1] * len(ids))
-            out["labels"].append(labels)
-            out["truncated"].append(truncated)
-        return out
-
-    tokenized = dsd.map(encode, batched=True, remove_columns=["instruction", "user", "response"], desc="tokenize")
+    tokenized = DatasetDict({
+        split: ds.map(encode_batch, batched=True, fn_kwargs={"tok": tok, "max_seq_len": max_seq_len,
+                                                             "on_long_row": on_long_row},
+                      remove_columns=list(COLUMNS), keep_in_memory=True, load_from_cache_file=False,
+                      new_fingerprint=map_fingerprint(ds._fingerprint, tok, max_seq_len, on_long_row),
+                      desc="tokenize")
+        for split, ds in dsd.items()
+    })
     stats = {}
     for split, ds in tokenized.items():
         long_rows = [line for line, t in zip(ds["line"], ds["truncated"]) if t]
