@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pandera.pandas as pa
 
-from personatune.files import atomic_dir, is_complete
+from personatune.files import atomic_dir, is_complete, stable_hash
 
 COLUMNS = ("instruction", "user", "response")
 MAX_CELL_CHARS = 2000
@@ -74,6 +74,27 @@ def _column_at(line_prefix: str) -> str | None:
     return COLUMNS[index] if index < len(COLUMNS) else None
 
 
+OTHER_DELIMITERS = {";": "';'", "\t": "tab", "|": "'|'"}
+
+
+def _other_delimiter(header_line: str) -> str | None:
+    """The name of the delimiter a header line was written with, when that is not a comma: it splits there into
+    required column names (any case), or into several fields while holding no comma at all."""
+    def names(delimiter: str) -> list[str]:
+        try:
+            return [h.strip().lower() for h in next(csv.reader([header_line], delimiter=delimiter), [])]
+        except csv.Error:
+            return []
+
+    if set(COLUMNS) <= set(names(",")):
+        return None
+    for delimiter, name in OTHER_DELIMITERS.items():
+        fields = names(delimiter)
+        if len(fields) > 1 and (set(COLUMNS) & set(fields) or "," not in header_line):
+            return name
+    return None
+
+
 def read_rows(text: str, file: str) -> pd.DataFrame:
     """Parse CSV text strictly. Returns a frame with the three columns plus `line` (physical line)."""
     problems: list[Problem] = []
@@ -84,6 +105,12 @@ def read_rows(text: str, file: str) -> pd.DataFrame:
         raise DataValidationError(problems)
     if not text.strip():
         raise DataValidationError([Problem(file, None, None, "file is empty; expected a header instruction,user,response and data rows")])
+
+    delimiter = _other_delimiter(text.split("\n", 1)[0].rstrip("\r"))
+    if delimiter:
+        raise DataValidationError([Problem(
+            file, 1, None, f"looks like {delimiter}-separated; personatune reads comma-separated CSV: save or export "
+                           "the file with ',' as the delimiter")])
 
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     records: list[tuple[int, list[str]]] = []
@@ -104,12 +131,17 @@ def read_rows(text: str, file: str) -> pd.DataFrame:
     finally:
         csv.field_size_limit(limit)
 
-    header = [h.strip() for h in header]
+    header = [h.strip() for h in header]  # spaces around a name are ignored; the names themselves are exact
     missing = [c for c in COLUMNS if c not in header]
     extra = [h for h in header if h not in COLUMNS]
     if missing or extra or len(header) != len(set(header)):
-        problems += [Problem(file, 1, c, "required column is missing from the header") for c in missing]
-        problems += [Problem(file, 1, c or "(blank)", "unexpected column in the header") for c in extra]
+        for c in missing:  # each missing column is named, with the header cell that differs from it only by case
+            variant = next((h for h in extra if h.lower() == c), None)
+            problems.append(Problem(file, 1, variant, f"looks like '{c}': header names are lower case (required column "
+                                                      f"'{c}' is missing)") if variant else
+                            Problem(file, 1, c, "required column is missing from the header"))
+        problems += [Problem(file, 1, c or "(blank)", "unexpected column in the header")
+                     for c in extra if c.lower() not in missing]
         if len(header) != len(set(header)):
             problems.append(Problem(file, 1, None, f"header repeats a column name: {header}"))
         raise DataValidationError(problems)
@@ -192,6 +224,7 @@ def split_of(instruction: str, user: str, eval_fraction: float) -> str:
 def build_dataset(quotes_csv: str | Path, eval_fraction: float, dataset_dir: str | Path) -> Path:
     """Validate `quotes_csv` and save a DatasetDict(train, eval) to `dataset_dir` (Arrow, memory-mapped)."""
     from datasets import Dataset, DatasetDict
+    from datasets.table import InMemoryTable
 
     dataset_dir = Path(dataset_dir)
     df = load_quotes(quotes_csv)
@@ -203,10 +236,13 @@ def build_dataset(quotes_csv: str | Path, eval_fraction: float, dataset_dir: str
         )
     if is_complete(dataset_dir):
         return dataset_dir
-    parts = {
-        name: Dataset.from_pandas(df[df["split"] == name][[*COLUMNS, "line"]], preserve_index=False)
-        for name in ("train", "eval")
-    }
+    parts = {}
+    for name in ("train", "eval"):
+        rows = df[df["split"] == name][[*COLUMNS, "line"]]
+        # the split's `datasets` fingerprint is its content, given here: left to `datasets`, it pickles the table
+        # with dill, which prints disassembled bytecode (into the task log under Prefect's log_prints)
+        fingerprint = stable_hash("personatune.data", name, rows.to_dict("list"))
+        parts[name] = Dataset(InMemoryTable.from_pandas(rows, preserve_index=False), split=name, fingerprint=fingerprint)
     with atomic_dir(dataset_dir) as tmp:
         DatasetDict(parts).save_to_disk(str(tmp))
     return dataset_dir

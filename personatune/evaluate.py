@@ -68,7 +68,9 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            inputs = tok([format_prompt(i, u) for i, u in chunk], return_tensors="pt", padding=True).to(device)
+            # split_special_tokens: a user's "<|im_start|>" (or the EOS string) stays text, never a control token
+            inputs = tok([format_prompt(i, u) for i, u in chunk], return_tensors="pt", padding=True,
+                         split_special_tokens=True).to(device)
             if decoding.sampling:
                 torch.manual_seed(seed + start)
             out = model.generate(**inputs, **kwargs)

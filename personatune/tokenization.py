@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from personatune.data import DataValidationError, Problem
-from personatune.files import atomic_dir, is_complete
+from personatune.data import COLUMNS, DataValidationError, Problem
+from personatune.files import atomic_dir, code_version, is_complete, sha256_bytes, stable_hash
 from personatune.prompt import format_prompt
 
 IGNORE_INDEX = -100
@@ -27,41 +27,101 @@ def load_tokenizer(tokenizer_dir: str, revision: str | None = None):
     return tok
 
 
+def special_token_strings(tok) -> list[str]:
+    """Every string the tokenizer reads as a control token unless told not to: its named special tokens (BOS, EOS,
+    pad...) and the added tokens marked special (`<|im_start|>`, `<|endoftext|>`, `<repo_name>`... for SmolLM2)."""
+    added = [t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special]
+    return sorted(set(tok.all_special_tokens) | set(added))
+
+
+def special_token_problems(dsd, tok, quotes_csv: str) -> list[Problem]:
+    """A cell holding a special-token string would be trained as that control token (a reply containing the EOS
+    string teaches the model to stop mid-reply; a user cell could open a new turn): one problem per such cell."""
+    specials = special_token_strings(tok)
+    problems = []
+    for ds in dsd.values():
+        for column in COLUMNS:
+            for line, cell in zip(ds["line"], ds[column]):
+                found = [s for s in specials if s in cell]
+                if found:
+                    tokens = ", ".join(f"'{s}'" for s in found)
+                    problems.append(Problem(quotes_csv, line, column, f"contains the tokenizer's special token {tokens}, "
+                                                                      "which would be trained as a control token; remove it"))
+    return sorted(problems, key=lambda p: (p.line, COLUMNS.index(p.column)))
+
+
 def encode_example(tok, instruction: str, user: str, response: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for one row; labels are -100 on the prompt. BOS comes from the tokenizer."""
-    prompt_ids = tok(format_prompt(instruction, user), add_special_tokens=True)["input_ids"]
-    response_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    """(input_ids, labels) for one row; labels are -100 on the prompt. BOS comes from the tokenizer.
+
+    The text is tokenized with `split_special_tokens=True`: a special-token string in a cell stays text, so the
+    one EOS appended here is the only control token an example holds (the tokenize stage rejects such cells
+    anyway; evaluation sets reach this without that check)."""
+    prompt_ids = tok(format_prompt(instruction, user), add_special_tokens=True, split_special_tokens=True)["input_ids"]
+    response_ids = tok(response, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tok.eos_token_id]
     return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+
+
+def encode_batch(batch: dict, tok, max_seq_len: int, on_long_row: str) -> dict:
+    """The `datasets.map` function of `tokenize_dataset`: every input arrives as a parameter (no closure, no
+    module state), and the map's fingerprint is given explicitly (`map_fingerprint`)."""
+    out = {"input_ids": [], "attention_mask": [], "labels": [], "truncated": []}
+    for ins, usr, resp in zip(batch["instruction"], batch["user"], batch["response"]):
+        ids, labels = encode_example(tok, ins, usr, resp)
+        truncated = len(ids) > max_seq_len
+        if truncated and on_long_row == "truncate":
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["labels"].append(labels)
+        out["truncated"].append(truncated)
+    return out
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """What the tokenizer contributes to the tokens: its whole definition (vocabulary, merges, normalizer, added
+    tokens) and the EOS that closes every example."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else stable_hash(tok.get_vocab(), special_token_strings(tok))
+    return stable_hash(sha256_bytes(definition.encode("utf-8")), tok.eos_token_id)
+
+
+def map_fingerprint(split_fingerprint: str, tok, max_seq_len: int, on_long_row: str) -> str:
+    """The tokenized split's `datasets` fingerprint, from everything its content depends on: the input split, the
+    tokenization code (this module and what it imports, e.g. the prompt template), the tokenizer and the limits.
+    Given explicitly, `datasets` does not fingerprint `encode_batch` itself: that hashing pickles the function with
+    dill, which disassembles its bytecode into a captured `sys.stdout` (under Prefect's `log_prints` those lines
+    land in the task log instead, and the globals they name drop out of the fingerprint)."""
+    return stable_hash(split_fingerprint, code_version("personatune.tokenization"), tokenizer_fingerprint(tok),
+                       max_seq_len, on_long_row)
 
 
 def tokenize_dataset(dataset_dir: str | Path, tok, max_seq_len: int, on_long_row: str, out_dir: str | Path,
                      quotes_csv: str = "quotes.csv") -> Path:
     """Tokenize both splits with `datasets.map` (batched) and save them as Arrow to `out_dir`.
 
-    Rows longer than `max_seq_len` tokens are rejected with their CSV line, or (on_long_row='truncate') cut
-    at the end of the response, counted in stats.json. Never silently.
+    Cells holding one of the tokenizer's special-token strings are rejected with their CSV line and column. Rows
+    longer than `max_seq_len` tokens are rejected with their CSV line, or (on_long_row='truncate') cut at the end of
+    the response, counted in stats.json. Never silently. Nothing is written on a rejection, and nothing is cached
+    by `datasets` (no cache files beside the input split): `out_dir`, content-addressed by the caller, is the cache.
     """
-    from datasets import load_from_disk
+    from datasets import DatasetDict, load_from_disk
 
     out_dir = Path(out_dir)
     if is_complete(out_dir):
         return out_dir
     dsd = load_from_disk(str(dataset_dir))
+    problems = special_token_problems(dsd, tok, quotes_csv)
+    if problems:
+        raise DataValidationError(problems)
 
-    def encode(batch):
-        out = {"input_ids": [], "attention_mask": [], "labels": [], "truncated": []}
-        for ins, usr, resp in zip(batch["instruction"], batch["user"], batch["response"]):
-            ids, labels = encode_example(tok, ins, usr, resp)
-            truncated = len(ids) > max_seq_len
-            if truncated and on_long_row == "truncate":
-                ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-            out["input_ids"].append(ids)
-            out["attention_mask"].append([1] * len(ids))
-            out["labels"].append(labels)
-            out["truncated"].append(truncated)
-        return out
-
-    tokenized = dsd.map(encode, batched=True, remove_columns=["instruction", "user", "response"], desc="tokenize")
+    tokenized = DatasetDict({
+        split: ds.map(encode_batch, batched=True, fn_kwargs={"tok": tok, "max_seq_len": max_seq_len,
+                                                             "on_long_row": on_long_row},
+                      remove_columns=list(COLUMNS), keep_in_memory=True, load_from_cache_file=False,
+                      new_fingerprint=map_fingerprint(ds._fingerprint, tok, max_seq_len, on_long_row),
+                      desc="tokenize")
+        for split, ds in dsd.items()
+    })
     stats = {}
     for split, ds in tokenized.items():
         long_rows = [line for line, t in zip(ds["line"], ds["truncated"]) if t]

@@ -1,6 +1,7 @@
 """CSV validation: every error names the file, the CSV line and the column; nothing is written on error."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,42 @@ def test_missing_and_extra_columns(tmp_path, good_rows):
     probs = problems_of(write_csv(tmp_path / "q.csv", rows, header=("instruction", "prompt", "response")))
     assert (1, "user", "required column is missing from the header") in probs
     assert (1, "prompt", "unexpected column in the header") in probs
+
+
+def rejected_and_nothing_written(path: Path) -> list[tuple[int | None, str | None, str]]:
+    """The problems of a bad CSV, checked to leave no dataset (or temp folder) behind."""
+    out = path.parent / "dataset"
+    with pytest.raises(DataValidationError):
+        build_dataset(path, 0.2, out)
+    assert not out.exists() and list(path.parent.iterdir()) == [path]
+    return problems_of(path)
+
+
+@pytest.mark.parametrize("delimiter, name", [(";", "';'"), ("\t", "tab")])
+def test_another_delimiter_is_named_in_one_error(tmp_path, good_rows, delimiter, name):
+    """A spreadsheet export with ';' (or tabs) used to read as an unbalanced quote or three wrong columns."""
+    good_rows[1][0] = "Respond as Wednesday; deadpan."  # quoted in the ;-separated file
+    good_rows[1][2] = 'She said "no", twice.'
+    path = tmp_path / "q.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter=delimiter).writerows([["instruction", "user", "response"], *good_rows])
+    assert rejected_and_nothing_written(path) == [
+        (1, None, f"looks like {name}-separated; personatune reads comma-separated CSV: save or export the file "
+                  "with ',' as the delimiter")]
+
+
+def test_header_case_is_named_and_spaces_around_names_are_accepted(tmp_path, good_rows):
+    path = write_csv(tmp_path / "q.csv", good_rows, header=("Instruction", "User", "Response"))
+    assert rejected_and_nothing_written(path) == [
+        (1, name.title(), f"looks like '{name}': header names are lower case (required column '{name}' is missing)")
+        for name in ("instruction", "user", "response")]
+    path = write_csv(tmp_path / "q.csv", good_rows, header=("instruction", "User", "reply"))
+    assert problems_of(path) == [  # each missing column is named, whether a look-alike exists or not
+        (1, "User", "looks like 'user': header names are lower case (required column 'user' is missing)"),
+        (1, "response", "required column is missing from the header"),
+        (1, "reply", "unexpected column in the header")]
+    spaced = write_csv(tmp_path / "spaced.csv", good_rows, header=(" instruction", "user ", " response "))
+    assert list(load_quotes(spaced)["response"]) == [r[2] for r in good_rows]
 
 
 def test_wrong_field_count_names_line(tmp_path, good_rows):

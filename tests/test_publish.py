@@ -208,25 +208,28 @@ def test_push_then_load_back_with_peft(local_run, hub, monkeypatch, tmp_path, ca
 
 def test_push_retries_5xx_with_backoff_and_reads_the_secret_block(local_run, hub, monkeypatch, caplog):
     """The commit answers 500 twice, then 200: the task retries (exponential backoff) and the push lands.
-    The token comes from a Prefect Secret block this time (HF_TOKEN unset)."""
+    The token comes from a Prefect Secret block this time (HF_TOKEN unset). A repo of its own, created by this
+    push: the test needs no earlier test's push (it runs alone or in any order)."""
     from prefect.blocks.system import Secret
 
     params, _ = local_run
+    repo_id = "you/retried-adapter"
     monkeypatch.delenv("HF_TOKEN", raising=False)
     Secret(value=TOKEN).save("hf-token-test", overwrite=True)
     caplog.set_level(logging.INFO)
     hub.fail("POST", r"/commit/", [500, 500])
-    commits_before = len(hub.repos[REPO].commits)
     start, t0 = len(hub.requests), time.monotonic()
-    summary = run_flow(params, run_name="retried", hub_repo=REPO)
+    summary = run_flow(params, run_name="retried", hub_repo=repo_id)
     elapsed = time.monotonic() - t0
 
     assert summary["hub"]["status"] == "pushed"
     commits = [r[2] for r in hub_requests_since(hub, start) if "/commit/" in r[1]]
     assert commits == [500, 500, 200, 200]  # the branch commit twice refused, then branch and main
     assert len(hub.calls("GET", "/api/whoami-v2")) >= 3  # each retry re-runs the whole push task
-    assert len(hub.repos[REPO].commits) == commits_before + 2  # exactly one on the branch, one on main
-    assert "retried" in hub.repos[REPO].resolve("main").summary
+    # the server's initial commit, then exactly one on the branch and one on main
+    assert [c.summary for c in hub.repos[repo_id].commits][0] == "initial commit"
+    assert len(hub.repos[repo_id].commits) == 1 + 2
+    assert "retried" in hub.repos[repo_id].resolve("main").summary
     assert elapsed >= 2 + 4 * 0.8  # backoff 2 s, then 4 s (20% jitter)
     assert "Prefect Secret block 'hf-token-test'" in caplog.text
     assert_no_token(TOKEN, texts=[caplog.text, prefect_logs_and_artifacts()])
