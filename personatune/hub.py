@@ -187,7 +187,7 @@ prompt = {json.dumps(prompt)}.format(instruction="Respond as Wednesday Addams.",
 # string and the repetition penalty
 from transformers import GenerationConfig
 gen = GenerationConfig.from_pretrained("{repo_id}")
-out = model.generate(**tok(prompt, return_tensors="pt"), generation_config=gen, tokenizer=tok)
+out = model.generate(**tok(prompt, return_tensors="pt", split_special_tokens=True), generation_config=gen, tokenizer=tok)
 print(tok.decode(out[0], skip_special_tokens=True)[len(prompt):].split("###")[0].strip())
 ```
 

@@ -115,7 +115,9 @@ def test_malformed_csvs_fail_cleanly(tmp_path_factory, header, rows, how, positi
     CASES["must_reject"] += how in MUST_REJECT
 
 
-def test_fuzz_ran_enough_cases():
+def test_fuzz_ran_enough_cases(tmp_path_factory):
+    if not CASES["valid"] + CASES["rejected"]:  # run alone (or first): run the fuzz here, so the count is its own
+        test_malformed_csvs_fail_cleanly(tmp_path_factory=tmp_path_factory)
     total = CASES["valid"] + CASES["rejected"]
     print(f"\nCSV fuzz: {total} cases, {CASES['rejected']} rejected with located errors, {CASES['valid']} valid; "
           f"{CASES['must_reject']} of the rejected were mutations that must be, {CASES['located']} appended bad rows "
