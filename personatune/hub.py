@@ -183,8 +183,8 @@ at the next `###`:
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained("{repo_id}")
 prompt = {json.dumps(prompt)}.format(instruction="Respond as Wednesday Addams.", user="Do you like sunny days?")
-# generation_config.json (in this repo) holds the decoding the evaluation used: greedy, EOS, the `###` stop
-# string and the repetition penalty
+# generation_config.json (in this repo) holds the decoding the evaluation used: EOS, the `###` stop string,
+# the repetition penalty, and sampling if the run set a temperature
 from transformers import GenerationConfig
 gen = GenerationConfig.from_pretrained("{repo_id}")
 out = model.generate(**tok(prompt, return_tensors="pt", split_special_tokens=True), generation_config=gen, tokenizer=tok)
