@@ -1,9 +1,9 @@
 """How replies are decoded, once for everyone: evaluation, `flows.chat`, the bundle's generation_config.json.
 
 Greedy decoding of a small tuned model falls into loops ("I'll tell you what to say. I'll tell you what to say.
-..."). The repetition controls and the sampling setting below were chosen by measurement on the unseen-topic
-probes (QUALITY.md, "Decoding"). Sampling is seeded per generation batch (`seed`), so two evaluations of the same
-adapter on the same machine still give the same replies.
+..."). The repetition controls below were chosen by measurement on the unseen-topic probes (QUALITY.md,
+"Decoding"); sampling (temperature > 0) is measured there too and off by default. Sampling is seeded per
+generation batch (`seed`), so two evaluations of the same adapter on the same machine still give the same replies.
 The values travel with every adapter as `generation_config.json`, so a consumer that loads the bundle (or the
 Hub repo) decodes exactly as the evaluation measured.
 """

@@ -48,3 +48,17 @@ def tokenizer(base_model_dir):
     from personatune.tokenization import load_tokenizer
 
     return load_tokenizer(base_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    """A real (temporary) Prefect API with its state and result storage in a temp folder."""
+    home = tmp_path_factory.mktemp("prefect")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFECT_HOME", str(home))
+    mp.setenv("PREFECT_LOCAL_STORAGE_PATH", str(home / "storage"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield home
+    mp.undo()

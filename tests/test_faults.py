@@ -157,18 +157,8 @@ def test_cuda_oom_halves_the_micro_batch_and_frees_the_failed_model_first(tmp_pa
     assert (adapter / "adapter_model.safetensors").is_file()
 
 
-@pytest.fixture
-def prefect_api(tmp_path, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
-
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
-    monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(tmp_path / "prefect-home" / "storage"))
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_cuda_oom_after_a_checkpoint_resumes_from_it_in_the_training_task(tmp_path, small_csv, base_model_dir,
-                                                                          tokenizer, prefect_api):
+                                                                          tokenizer, prefect_env):
     """Through the Prefect task: a checkpoint every 2 steps, out of memory before step 3. The task retries with
     half the micro-batch and twice the accumulation, resumes at step 2 (steps 1-2 are not trained again), and
     the failed attempt's model is gone before the retry loads its own."""

@@ -24,20 +24,6 @@ def bytecode_lines(messages: list[str]) -> list[str]:
             if (match := DIS_LINE.match(line)) and match.group(1) in OPCODES]
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """A real (temporary) Prefect API with its state and result storage in a temp folder."""
-    home = tmp_path_factory.mktemp("prefect")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PREFECT_HOME", str(home))
-    mp.setenv("PREFECT_LOCAL_STORAGE_PATH", str(home / "storage"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield home
-    mp.undo()
-
-
 def run_logs(flow_run_id) -> list[tuple[str | None, str]]:
     """(task run id or None, message) of every log line of one flow run, read back through the Prefect API."""
     from prefect.client.orchestration import get_client
@@ -53,7 +39,7 @@ def run_logs(flow_run_id) -> list[tuple[str | None, str]]:
     return [(str(log.task_run_id) if log.task_run_id else None, log.message) for log in logs]
 
 
-def test_validate_and_tokenize_task_logs_hold_no_bytecode(prefect_api, tmp_path, good_rows):
+def test_validate_and_tokenize_task_logs_hold_no_bytecode(prefect_env, tmp_path, good_rows):
     from prefect import flow
 
     from personatune.config import FinetuneConfig
@@ -85,7 +71,7 @@ def test_validate_and_tokenize_task_logs_hold_no_bytecode(prefect_api, tmp_path,
     assert not [m for m in messages if "LOAD_GLOBAL" in m or "RETURN_VALUE" in m]
 
 
-def test_tokens_follow_a_changed_global_of_the_map_function(prefect_api, tmp_path, tokenizer, good_rows, monkeypatch):
+def test_tokens_follow_a_changed_global_of_the_map_function(prefect_env, tmp_path, tokenizer, good_rows, monkeypatch):
     """The prompt template is a global that the map function reads (through format_prompt). Tokenizing the same
     split again after it changed must give the new scaffold, not `datasets`' cache of the old one; identical inputs
     give identical fingerprints, a changed limit another one."""
