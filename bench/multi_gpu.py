@@ -108,13 +108,16 @@ def run(args) -> None:
     steps = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
 
     t = time.time()
-    p = subprocess.run(bench_py + ["_variant", "gpu", "--dir", str(work)] + steps, text=True, capture_output=True,
-                       env={**env, "CUDA_VISIBLE_DEVICES": "0"}, timeout=args.timeout)
-    line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if not line:
-        print(p.stdout[-2000:], p.stderr[-4000:])
-        raise SystemExit("1-GPU run failed")
-    one = json.loads(line[7:])
+    if args.one_via_torchrun:  # 1 GPU through the launcher of the N-GPU runs (torchrun --nproc-per-node 1)
+        one = rank_lines(["--name", "gpu-ddp1", "--dir", str(work)] + steps, 1, args.timeout)[0]
+    else:
+        p = subprocess.run(bench_py + ["_variant", "gpu", "--dir", str(work)] + steps, text=True, capture_output=True,
+                           env={**env, "CUDA_VISIBLE_DEVICES": "0"}, timeout=args.timeout)
+        line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if not line:
+            print(p.stdout[-2000:], p.stderr[-4000:])
+            raise SystemExit("1-GPU run failed")
+        one = json.loads(line[7:])
     print(f"1 GPU ({time.time() - t:.0f} s): {one['tok_s']:.0f} tok/s, step {one['step_s']:.3f} s, losses {one['losses']}",
           flush=True)
 
@@ -273,6 +276,8 @@ def main() -> None:
     p.add_argument("--write", default="")
     p.add_argument("--timeout", type=int, default=300)
     p.add_argument("--check-launcher", action="store_true")
+    p.add_argument("--one-via-torchrun", action="store_true",
+                   help="run the 1-GPU measurement as one torchrun rank (the N-GPU path's launcher) instead of in-process")
     p = sub.add_parser("sweep", help="1 GPU, then N GPUs once per variant (bench/ddp_variants.py)")
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--steps", type=int, default=25)

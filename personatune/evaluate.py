@@ -44,7 +44,7 @@ def rows_that_fit(default: int, tokens_per_row: int, vocab: int, free_bytes: int
 
 def in_batches(total: int, size: int, run) -> list:
     """`run(start, end)` over rows [0, total) in batches of `size`, results in order. A CUDA out-of-memory error
-    retries that batch with half as many rows (and keeps the smaller size for the rest), down to one row, then
+    retries that batch with half its rows (and keeps the smaller size for the rest), down to one row, then
     re-raises: the evaluation finishes on the memory it has instead of failing after training."""
     from personatune.train import free_accelerator_memory
 
@@ -54,9 +54,9 @@ def in_batches(total: int, size: int, run) -> list:
         try:
             results.append(run(start, end))
         except torch.cuda.OutOfMemoryError:
-            if size <= 1:
+            if end - start <= 1:
                 raise
-            size = max(1, size // 2)
+            size = (end - start) // 2  # half the batch that failed
         else:
             start = end
             continue
