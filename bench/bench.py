@@ -119,7 +119,8 @@ def check_varlen(vocab: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from personatune.profiles import ModelShape, TrainPlan, apply_plan
+    from personatune.plan import TrainPlan
+    from personatune.speedups import apply_plan
     from personatune.tokenization import IGNORE_INDEX
     from personatune.train import collator
 
@@ -170,7 +171,6 @@ def check_varlen(vocab: int) -> dict:
 def setup(args) -> None:
     import torch
     from datasets import concatenate_datasets, load_from_disk
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from personatune.config import FinetuneConfig
     from personatune.model import build_model
@@ -193,20 +193,7 @@ def setup(args) -> None:
     out["varlen_check_s"] = time.time() - t
     torch.cuda.empty_cache()
     model_dir = work / "llama2-7b-shaped"
-    if not (model_dir / "config.json").is_file():
-        t = time.time()
-        conf = LlamaConfig(vocab_size=vocab, bos_token_id=meta["bos_token_id"], eos_token_id=meta["eos_token_id"],
-                           tie_word_embeddings=False, **SHAPE_7B)
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16)
-        out["params"] = sum(p.numel() for p in model.parameters())
-        model.save_pretrained(model_dir)
-        del model
-        torch.cuda.empty_cache()
-        for f in (ASSETS / "tokenizer").iterdir():
-            shutil.copy(f, model_dir / f.name)
-        out["build_s"] = time.time() - t
+    out.update(build_shaped_model(model_dir))
     data = load_from_disk(str(ASSETS / "tokenized" / "dataset"))
     reps = max(1, -(-args.examples // len(data["train"])))
     data["train"] = concatenate_datasets([data["train"]] * reps)
@@ -217,6 +204,30 @@ def setup(args) -> None:
     out["init_adapter_s"] = time.time() - t
     (work / "setup.json").write_text(json.dumps(out, indent=2))
     print("SETUP " + json.dumps(out))
+
+
+def build_shaped_model(model_dir: Path) -> dict:
+    """The Llama-2-7B-shaped model with random weights (bf16 safetensors) and the tokenizer that produced the bench
+    data (bench/.assets, from `prepare`), saved once into `model_dir`. Also used by bench/flow_gpu.py."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if (model_dir / "config.json").is_file():
+        return {}
+    meta = json.loads((ASSETS / "meta.json").read_text())
+    t = time.time()
+    conf = LlamaConfig(vocab_size=meta["config_vocab_size"], bos_token_id=meta["bos_token_id"],
+                       eos_token_id=meta["eos_token_id"], tie_word_embeddings=False, **SHAPE_7B)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(model_dir)
+    del model
+    torch.cuda.empty_cache()
+    for f in (ASSETS / "tokenizer").iterdir():
+        shutil.copy(f, model_dir / f.name)
+    return {"params": params, "build_s": time.time() - t}
 
 
 def bench_env() -> dict:
@@ -236,55 +247,40 @@ def run_setup(work: Path, examples: int, env: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ one variant (GPU)
-def variant(args) -> None:
-    cfg_over, plan_over, card_gib, _ = VARIANTS[args.name]
+def variant(args, train=None, plan_over: dict | None = None, arguments: dict | None = None,
+            trainer_class=None) -> None:
+    """One variant, timed, in this process: the plan made once (as the flow makes it), the variant's overrides
+    applied to it, then `train` (default `personatune.train.train_adapter`; a DDP rank passes
+    `personatune.train_rank.train_on_rank`, same signature) with a token-counting collator and a timer."""
+    cfg_over, variant_plan, card_gib, _ = VARIANTS[getattr(args, "variant", None) or args.name]
     cfg_over = dict(cfg_over)
-    if "_logging_steps" in cfg_over:
-        os.environ["PERSONATUNE_BENCH_LOGGING_STEPS"] = str(cfg_over.pop("_logging_steps"))
-    if card_gib:
+    logging_steps = int(cfg_over.pop("_logging_steps", 0) or os.environ.get("PERSONATUNE_BENCH_LOGGING_STEPS", 0))
+    if card_gib:  # sized for, and capped at, a card of this size (enforced where the model is loaded)
         os.environ["PERSONATUNE_GPU_MEMORY_GIB"] = str(card_gib)
     import torch
     from transformers import TrainerCallback
 
-    import personatune.profiles as profiles
-    import personatune.train as train
     from personatune.config import FinetuneConfig
+    from personatune.tokenization import load_tokenizer
+    from personatune.train import collator, plan_for_run, train_adapter
 
-    total = torch.cuda.get_device_properties(0).total_memory
-    if card_gib:  # the caching allocator may not hold more than a card of this size has
-        torch.cuda.set_per_process_memory_fraction(min(1.0, card_gib * GIB / total))
+    train = train or train_adapter
+    work = Path(args.dir)
+    steps = args.warmup + args.steps
+    model_dir = str(work / "llama2-7b-shaped")
+    cfg = FinetuneConfig(**{**cfg_over, "max_steps": steps, "seed": 42, "output_dir": str(work / "out")})
+    plan = plan_for_run(cfg, model_dir, work / "tokenized")
+    over = {**(variant_plan or {}), **(plan_over or {}), **({"logging_steps": logging_steps} if logging_steps else {})}
+    if over:
+        plan = dataclasses.replace(plan, **over, reason=plan.reason + "; bench override " + json.dumps(over))
     counts: list[int] = []
-    real_collator = train.collator
+    inner = collator(load_tokenizer(model_dir), plan.packing, varlen=plan.attention == "varlen")
 
-    def counting_collator(tok, packing=False, varlen=False):
-        inner = real_collator(tok, packing, varlen)
+    def counting_collator(features):
+        batch = inner(features)
+        counts.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel()))
+        return batch
 
-        def collate(features):
-            batch = inner(features)
-            counts.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel()))
-            return batch
-        return collate
-
-    train.collator = counting_collator
-    chosen = {}
-    real_plan = profiles.plan_training
-
-    def plan_training(*a, **k):
-        plan = real_plan(*a, **k)
-        if plan_over:
-            plan = dataclasses.replace(plan, **plan_over, reason=plan.reason + "; bench override " + json.dumps(plan_over))
-        chosen["plan"] = plan.to_dict()
-        return plan
-
-    profiles.plan_training = plan_training
-    if os.environ.get("PERSONATUNE_BENCH_LOGGING_STEPS"):  # e.g. the 1-GPU path logging as a multi-GPU run does
-        real_arguments = train.training_arguments
-
-        def logging_arguments(*a, **k):
-            out = real_arguments(*a, **k)
-            out.logging_steps = int(os.environ["PERSONATUNE_BENCH_LOGGING_STEPS"])
-            return out
-        train.training_arguments = logging_arguments
     times: list[float] = []
     peaks = {}
 
@@ -302,15 +298,13 @@ def variant(args) -> None:
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
 
-    work = Path(args.dir)
-    steps = args.warmup + args.steps
-    cfg = FinetuneConfig(**{**cfg_over, "max_steps": steps, "seed": 42, "output_dir": str(work / "out")})
     out_dir = work / "runs" / args.name
     shutil.rmtree(out_dir, ignore_errors=True)
-    adapter = train.train_adapter(cfg, str(work / "llama2-7b-shaped"), work / "init" / "adapter", work / "tokenized",
-                                  out_dir / "adapter", out_dir / "ckpt", callbacks=[Timer()])
+    adapter = train(cfg, plan, model_dir, work / "init" / "adapter", work / "tokenized", out_dir / "adapter",
+                    out_dir / "ckpt", callbacks=[Timer()], data_collator=counting_collator,
+                    trainer_class=trainer_class, **({"arguments": arguments} if arguments else {}))
     hist = json.loads((adapter / "history.json").read_text())
-    plan = chosen["plan"]
+    plan = plan.to_dict()
     accum = plan["grad_accum"]
     t0, t1 = times[args.warmup], times[steps]       # end of warm-up step .. end of last step
     tokens = sum(counts[args.warmup * accum: steps * accum])

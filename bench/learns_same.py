@@ -31,13 +31,13 @@ def main() -> None:
 
     import torch
 
-    import personatune.profiles as profiles
     from personatune.config import EMBEDDED_MODEL, FinetuneConfig
     from personatune.data import build_dataset
     from personatune.evaluate import mean_loss
     from personatune.model import build_model, load_qlora_model, resolve_base_model
     from personatune.tokenization import load_tokenized, load_tokenizer, tokenize_dataset
-    from personatune.train import train_adapter
+    from personatune.plan import TrainPlan
+    from personatune.train import plan_for_run, train_adapter
 
     torch.set_num_threads(2)
     resolved = resolve_base_model(EMBEDDED_MODEL)
@@ -50,17 +50,16 @@ def main() -> None:
         tokenized = tokenize_dataset(ds, tok, base.max_seq_len, base.on_long_row, tmp / "tokens")
         init = build_model(resolved, base, tmp / "init")
         eval_ds = load_tokenized(tokenized)["eval"]
-        real_plan = profiles.plan_training
         layouts = {
             "seed": (dict(packing=False, micro_batch_size=4, grad_accum=4), None),
             "gpu": (dict(packing=True, micro_batch_size=16, grad_accum=1),
-                    profiles.TrainPlan("gpu", 16, 1, True, 0, 30, "varlen", True, None, None, "GPU layout forced on CPU")),
+                    TrainPlan("gpu", 16, 1, True, 0, 30, "varlen", True, None, None, "GPU layout forced on CPU")),
         }
         for name, (over, plan) in layouts.items():
             cfg = base.replace(**over)
-            profiles.plan_training = (lambda *a, _p=plan, **k: _p) if plan else real_plan
+            plan = plan or plan_for_run(cfg, resolved, tokenized)
             t = time.time()
-            adapter = train_adapter(cfg, resolved, init / "adapter", tokenized, tmp / f"adapter-{name}")
+            adapter = train_adapter(cfg, plan, resolved, init / "adapter", tokenized, tmp / f"adapter-{name}")
             train_s = time.time() - t
             model = load_qlora_model(resolved, cfg, adapter_dir=str(adapter), trainable=False)
             with torch.no_grad():

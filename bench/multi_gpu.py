@@ -2,13 +2,15 @@
 """Tokens/s of QLoRA training on 1 vs N GPUs of one host, in one run, and the loss curves of both.
 
     python bench/bench.py prepare                                   # here, once (bench/.assets)
-    python3 bench/multi_gpu.py run --gpus 2 --write BENCHMARKS.md   # on a 2-GPU machine (carry .whl, bench/.assets)
-    python3 bench/multi_gpu.py sweep --gpus 2 --variants 1gpu,ddp,log10   # 1 GPU, then one N-GPU run per DDP variant
+    python3 bench/multi_gpu.py run --gpus 2      # on a 2-GPU machine (carry .whl, bench/.assets): prints the table,
+                                                 # raw JSON to bench/results/ (and $OUT when set); --write BENCHMARKS.md
+    python3 bench/multi_gpu.py sweep --gpus 2 --variants 1gpu,ddp,ddp-log1   # 1 GPU, then one N-GPU run per variant
 
 Same setup as bench/bench.py (Llama-2-7B-shaped model with random weights, data/quotes.csv tokenized by the
 project, repeated), same GPU-default profile on every card. 1 GPU: `bench.py _variant gpu` in one process
-(CUDA_VISIBLE_DEVICES=0). N GPUs: `personatune.distributed.launch_ranks` starts N ranks; each runs the same
-instrumented variant through `personatune.train_rank.train_on_rank` (GPU pinning, DDP, barrier, rank 0 writes).
+(CUDA_VISIBLE_DEVICES=0). N GPUs: `personatune.distributed.launch` (torchrun, as the flow) starts N ranks; each
+runs the same instrumented variant through `personatune.train_rank.train_on_rank` (GPU pinning, DDP, barrier,
+rank 0 writes), passed to `bench.variant` as its training function: the same public seams the flow uses.
 Each GPU keeps the profile's micro-batch (16 examples), so an N-GPU optimizer step takes N x 16 examples.
 tokens/s = real tokens of all ranks in the timed steps / rank 0's time for them.
 Loss: the Trainer's logged loss per optimizer step (the mean over ranks on N GPUs), compared (a) at the same
@@ -35,30 +37,40 @@ import bench as single  # noqa: E402  (bench/bench.py)
 
 
 def rank_main(args) -> None:
-    """One rank: bench.py's instrumented `gpu` variant, with train_adapter run as a DDP rank."""
-    import personatune.train as train
+    """One rank: bench.py's instrumented `gpu` variant, trained by `train_on_rank` (a DDP rank of the recipe)."""
+    import functools
+
+    import ddp_variants  # bench/ddp_variants.py
     from personatune.train_rank import train_on_rank
 
-    import personatune.train_rank as train_rank
-
-    train_rank.DDP_SETTINGS.update(json.loads(args.ddp or "{}"))  # the variant's DDP settings, in this rank
-    real = train.train_adapter
+    settings = json.loads(args.ddp or "{}")  # the variant's DDP settings
     rank = int(os.environ.get("RANK", 0))
+    kept = Path(args.dir) / "runs" / f"{args.name}.rank{rank}" / "adapter"  # ranks > 0 keep their history here
+    single.variant(argparse.Namespace(name=args.name, variant="gpu", dir=args.dir, steps=args.steps, warmup=args.warmup),
+                   train=functools.partial(train_on_rank, rank_adapter_dir=kept),
+                   plan_over={"logging_steps": settings["logging_steps"]} if "logging_steps" in settings else None,
+                   arguments=ddp_variants.arguments(settings), trainer_class=ddp_variants.trainer_class(settings))
 
-    def keep_history(*a, **k):  # ranks > 0 train into a scratch folder that train_on_rank removes: keep history
-        out = real(*a, **k)
-        if rank:
-            import shutil
 
-            kept = Path(args.dir) / "runs" / f"{args.name}.rank{rank}"
-            kept.mkdir(parents=True, exist_ok=True)
-            shutil.copy(Path(out) / "history.json", kept / "history.json")
-            return kept
-        return out
+def rank_lines(argv: list[str], n: int, timeout: float) -> dict[int, dict]:
+    """Run `multi_gpu.py _rank ...` on n GPUs under torchrun; each rank's RESULT line."""
+    from personatune.distributed import launch, visible_device_ids
 
-    train.train_adapter = lambda *a, **k: train_on_rank(*a, _train=keep_history, **k)
-    single.VARIANTS[args.name] = single.VARIANTS["gpu"]
-    single.variant(argparse.Namespace(name=args.name, dir=args.dir, steps=args.steps, warmup=args.warmup))
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if "RESULT " not in line and ("Error" in line or "error" in line or "Training layout" in line):
+            print(line, flush=True)
+
+    launch([str(Path(__file__).resolve()), "_rank"] + argv, n, log=log, devices=visible_device_ids()[:n],
+           env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}, silence_timeout_s=timeout)
+    ranks = {}
+    for line in lines:
+        tag, _, text = line.partition("] ")
+        if text.startswith("RESULT ") and tag.startswith("[rank "):
+            ranks[int(tag.removeprefix("[rank "))] = json.loads(text[7:])
+    return ranks
 
 
 def compare(one: dict, many: dict, n: int) -> dict:
@@ -91,38 +103,26 @@ def _prepare(args):
 def run(args) -> None:
     import torch
 
-    from personatune.distributed import launch_ranks
-
     n, work, env, bench_py, setup, t = _prepare(args)
     print(f"setup {time.time() - t:.0f} s: {json.dumps(setup)}", flush=True)
     steps = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
 
     t = time.time()
-    p = subprocess.run(bench_py + ["_variant", "gpu", "--dir", str(work)] + steps, text=True, capture_output=True,
-                       env={**env, "CUDA_VISIBLE_DEVICES": "0"}, timeout=args.timeout)
-    line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if not line:
-        print(p.stdout[-2000:], p.stderr[-4000:])
-        raise SystemExit("1-GPU run failed")
-    one = json.loads(line[7:])
+    if args.one_via_torchrun:  # 1 GPU through the launcher of the N-GPU runs (torchrun --nproc-per-node 1)
+        one = rank_lines(["--name", "gpu-ddp1", "--dir", str(work)] + steps, 1, args.timeout)[0]
+    else:
+        p = subprocess.run(bench_py + ["_variant", "gpu", "--dir", str(work)] + steps, text=True, capture_output=True,
+                           env={**env, "CUDA_VISIBLE_DEVICES": "0"}, timeout=args.timeout)
+        line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if not line:
+            print(p.stdout[-2000:], p.stderr[-4000:])
+            raise SystemExit("1-GPU run failed")
+        one = json.loads(line[7:])
     print(f"1 GPU ({time.time() - t:.0f} s): {one['tok_s']:.0f} tok/s, step {one['step_s']:.3f} s, losses {one['losses']}",
           flush=True)
 
     t = time.time()
-    lines: list[str] = []
-
-    def log(line: str) -> None:
-        lines.append(line)
-        if "RESULT " not in line and ("Error" in line or "error" in line or "Training layout" in line):
-            print(line, flush=True)
-
-    launch_ranks([sys.executable, str(Path(__file__).resolve()), "_rank", "--name", f"gpu-ddp{n}", "--dir", str(work)]
-                 + steps, n, log=log, env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    ranks = {}
-    for line in lines:
-        tag, _, text = line.partition("] ")
-        if text.startswith("RESULT "):
-            ranks[int(tag.removeprefix("[rank "))] = json.loads(text[7:])
+    ranks = rank_lines(["--name", f"gpu-ddp{n}", "--dir", str(work)] + steps, n, args.timeout)
     r0 = ranks[0]
     tokens = sum(r["tokens"] for r in ranks.values())
     many = {"tok_s": tokens / r0["seconds"], "step_s": r0["step_s"], "tokens": tokens, "seconds": r0["seconds"],
@@ -139,13 +139,13 @@ def run(args) -> None:
     if args.check_launcher:
         t = time.time()
         from personatune.config import FinetuneConfig
-        from personatune.distributed import train_distributed
+        from personatune.train import run_training
 
         cfg = FinetuneConfig(profile="gpu", max_steps=3, seed=42, num_gpus=n, output_dir=str(work / "out"))
         out = work / "launcher" / "adapter"
-        try:
-            train_distributed(cfg, str(work / "llama2-7b-shaped"), work / "init" / "adapter", work / "tokenized", out,
-                              log=lambda l: print(l, flush=True) if ("step " in l or "rror" in l) else None)
+        try:  # what the flow's training task calls
+            run_training(cfg, str(work / "llama2-7b-shaped"), work / "init" / "adapter", work / "tokenized", out,
+                         log=lambda l: print(l, flush=True) if ("step " in l or "rror" in l) else None)
             hist = json.loads((out / "history.json").read_text())
             result["launcher"] = {"ok": True, "global_step": hist["global_step"], "files": sorted(os.listdir(out)),
                                   "s": time.time() - t}
@@ -173,25 +173,26 @@ def run(args) -> None:
              f"between the means of the last {cmp['last_k']} steps. At the same number of examples seen: {ex}.\n")
     text = header + "\n" + "\n".join(rows) + "\n" + notes
     print("\n" + text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "multi_gpu.json").write_text(json.dumps(result, indent=2))
-        (Path(args.out) / "multi_gpu.md").write_text(text)
+    result.update(card=card, date=dt.date.today().isoformat(), table=text)
+    name = f"multi_gpu_{n}gpu_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    for folder in filter(None, (args.results, args.out)):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / name).write_text(json.dumps(result, indent=2))
+        print(f"raw results: {Path(folder) / name}", flush=True)
     if args.write:
         with open(args.write, "a", encoding="utf-8") as f:
             f.write("\n" + text)
 
 
-# variant -> ("1" or "N" GPUs, DDP_SETTINGS overrides or 1-GPU logging_steps)
+# variant -> ("1" or "N" GPUs, bench/ddp_variants.py settings and/or a logging interval other than the plan's)
 SWEEP = {
     "1gpu": ("1", {}),
-    "ddp": ("N", {}),
-    "log10": ("N", {"logging_steps": 10}),
-    "log10-static-view": ("N", {"logging_steps": 10, "static_graph": True, "gradient_as_bucket_view": True}),
-    "log10-static-view-balance": ("N", {"logging_steps": 10, "static_graph": True, "gradient_as_bucket_view": True,
-                                        "balance_tokens": True}),
+    "ddp": ("N", {}),                          # the recipe: the plan's logging interval on every rank
+    "ddp-log1": ("N", {"logging_steps": 1}),   # what the ranks did before issue 18: log (and gather) every step
+    "static-view": ("N", {"static_graph": True, "gradient_as_bucket_view": True}),
+    "static-view-balance": ("N", {"static_graph": True, "gradient_as_bucket_view": True, "balance_tokens": True}),
     "balance": ("N", {"balance_tokens": True}),
-    "1gpu-log10": ("1", {"logging_steps": 10}),
+    "1gpu-log1": ("1", {"logging_steps": 1}),
 }
 
 
@@ -210,8 +211,6 @@ def window_compare(one: dict, other: dict) -> dict:
 
 def sweep(args) -> None:
     import torch
-
-    from personatune.distributed import launch_ranks
 
     n, work, env, bench_py, setup, t = _prepare(args)
     print(f"setup {time.time() - t:.0f} s: card {setup['card']}, torch {setup['torch']}, {setup['versions']}", flush=True)
@@ -234,15 +233,8 @@ def sweep(args) -> None:
                 r = json.loads(line[7:])
                 r["per_rank_tokens"] = [r["tokens"]]
             else:
-                lines: list[str] = []
-                launch_ranks([sys.executable, str(Path(__file__).resolve()), "_rank", "--name", f"gpu-{name}",
-                              "--ddp", json.dumps(over), "--dir", str(work)] + steps, n, log=lines.append,
-                             env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-                ranks = {}
-                for line in lines:
-                    tag, _, text = line.partition("] ")
-                    if text.startswith("RESULT "):
-                        ranks[int(tag.removeprefix("[rank "))] = json.loads(text[7:])
+                ranks = rank_lines(["--name", f"gpu-{name}", "--ddp", json.dumps(over), "--dir", str(work)] + steps,
+                                   n, args.timeout)
                 r = dict(ranks[0])
                 r["per_rank_tokens"] = [ranks[i]["tokens"] for i in sorted(ranks)]
                 r["tokens"] = sum(r["per_rank_tokens"])
@@ -279,11 +271,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--examples", type=int, default=1200)
     p.add_argument("--dir", default="/tmp/personatune-bench")
-    p.add_argument("--out", default=os.environ.get("OUT", ""))
+    p.add_argument("--out", default=os.environ.get("OUT", ""), help="also write the raw JSON here (default $OUT)")
+    p.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where the raw JSON goes")
     p.add_argument("--write", default="")
     p.add_argument("--timeout", type=int, default=300)
     p.add_argument("--check-launcher", action="store_true")
-    p = sub.add_parser("sweep", help="1 GPU, then N GPUs once per DDP variant (train_rank.DDP_SETTINGS overrides)")
+    p.add_argument("--one-via-torchrun", action="store_true",
+                   help="run the 1-GPU measurement as one torchrun rank (the N-GPU path's launcher) instead of in-process")
+    p = sub.add_parser("sweep", help="1 GPU, then N GPUs once per variant (bench/ddp_variants.py)")
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--warmup", type=int, default=5)

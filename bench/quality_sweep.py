@@ -5,7 +5,7 @@
     python bench/quality_sweep.py score bench/results/quality_sweep.json     # similarity + table (CPU, embedder)
 
 `run` trains every recipe below on data/quotes.csv through the same public functions the flow calls
-(build_dataset, tokenize_dataset, build_model, train_adapter, score_adapter) and scores base and each adapter on
+(build_dataset, tokenize_dataset, build_model, run_training, score_adapter) and scores base and each adapter on
 the golden rows and the unseen-topic probes with every decoding setting, keeping every reply. It runs where the
 GPU is (fp32 compute and the config's own layout, `profile=manual`, so the math is the CPU default's); the
 sentence-embedding model need not be there: `score` adds the persona similarity afterwards on any machine.
@@ -77,7 +77,7 @@ def run(args) -> None:
     from personatune.evaluate import load_scores, score_adapter
     from personatune.model import build_model, resolve_base_model
     from personatune.tokenization import load_tokenizer, tokenize_dataset
-    from personatune.train import train_adapter
+    from personatune.train import run_training
 
     resolved = resolve_base_model(args.base_model)
     names = [n.strip() for n in args.recipes.split(";")] if args.recipes else list(RECIPES)  # in the order given
@@ -103,7 +103,7 @@ def run(args) -> None:
         cfg = base_cfg.replace(**{**BASELINE, **RECIPES[name]})
         t0 = time.time()
         init = build_model(resolved, cfg, work / f"init-{i}")
-        adapter = train_adapter(cfg, resolved, init / "adapter", tokens, work / f"adapter-{i}")
+        adapter = run_training(cfg, resolved, init / "adapter", tokens, work / f"adapter-{i}")
         train_s = time.time() - t0
         history = json.loads((adapter / "history.json").read_text())
         entry = {"overrides": RECIPES[name], "config": {k: getattr(cfg, k) for k in BASELINE}, "train_s": round(train_s, 1),
@@ -146,7 +146,7 @@ def cpu_step(args) -> None:
     from personatune.data import build_dataset
     from personatune.model import build_model, resolve_base_model
     from personatune.tokenization import load_tokenizer, tokenize_dataset
-    from personatune.train import train_adapter
+    from personatune.train import run_training
 
     work = Path(tempfile.mkdtemp(prefix="cpustep-"))
     out = {}
@@ -158,8 +158,8 @@ def cpu_step(args) -> None:
         tokens = tokenize_dataset(ds, load_tokenizer(resolved), cfg.max_seq_len, cfg.on_long_row, work / "tok")
         init = build_model(resolved, cfg, work / f"init-{targets}-{r}")
         ends = StepTimes()
-        train_adapter(cfg.replace(eval_every_steps=10_000), resolved, init / "adapter", tokens,
-                      work / f"a-{targets}-{r}", callbacks=[ends])
+        run_training(cfg.replace(eval_every_steps=10_000), resolved, init / "adapter", tokens,
+                     work / f"a-{targets}-{r}", callbacks=[ends])
         steps = sorted(b - a for a, b in zip(ends.times, ends.times[1:]))  # the first step (warm-up) is left out
         out[f"{targets} r{r}"] = round(steps[len(steps) // 2], 3)
         print(targets, r, out[f"{targets} r{r}"], "s/step", flush=True)

@@ -54,7 +54,8 @@ def variant(args) -> None:
 
     from personatune.config import FinetuneConfig
     from personatune.model import dequantize_frozen_base, load_qlora_model
-    from personatune.profiles import ModelShape, apply_plan, apply_plan_to_config, plan_training
+    from personatune.plan import ModelShape, apply_plan_to_config, plan_training
+    from personatune.speedups import apply_plan
 
     name = args.name
     work = Path(args.dir)

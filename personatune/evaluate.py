@@ -24,26 +24,92 @@ from personatune.train import collator
 
 TRAIN_LOSS_ROWS = 64  # train loss is measured on the first 64 training rows (a fixed sample)
 GENERATION_BATCH = 32  # measured on the 2-core CPU: 32 prompts x 48 tokens took 10.6 s in one batch, 16.8 s in two
+LOSS_BATCH = 16
+# On a GPU the loss is taken over this many token positions at a time: their fp32 logits (and the softmax's copy)
+# exist at once, not those of the whole batch (16 rows x 140 tokens x a 49k vocabulary is 0.9 GiB per fp32 copy).
+LOGIT_CHUNK_TOKENS = 1024
+# Bytes a batch row holds per (token x vocabulary entry) at the peak of a loss or of generation's first step:
+# the logits in the compute dtype (2), their fp32 copy (4) and the softmax's (4).
+LOGIT_BYTES = 10
+
+
+def rows_that_fit(default: int, tokens_per_row: int, vocab: int, free_bytes: int | None) -> int:
+    """Rows per evaluation batch: `default`, or fewer when one row's logits (tokens x vocab x LOGIT_BYTES) would
+    take more than half the free memory (`free_bytes`; None: no accelerator, the default as measured on CPU)."""
+    if free_bytes is None:
+        return default
+    per_row = max(1, tokens_per_row) * vocab * LOGIT_BYTES
+    return max(1, min(default, int(free_bytes * 0.5 // per_row)))
+
+
+def in_batches(total: int, size: int, run) -> list:
+    """`run(start, end)` over rows [0, total) in batches of `size`, results in order. A CUDA out-of-memory error
+    retries that batch with half its rows (and keeps the smaller size for the rest), down to one row, then
+    re-raises: the evaluation finishes on the memory it has instead of failing after training."""
+    from personatune.train import free_accelerator_memory
+
+    results, start = [], 0
+    while start < total:
+        end = min(start + size, total)
+        try:
+            results.append(run(start, end))
+        except torch.cuda.OutOfMemoryError:
+            if end - start <= 1:
+                raise
+            size = (end - start) // 2  # half the batch that failed
+        else:
+            start = end
+            continue
+        free_accelerator_memory()  # out of the except block: the failed batch's tensors are released
+    return results
+
+
+def free_cuda_bytes(device) -> int | None:
+    """Memory this process may still allocate on `device` (the PERSONATUNE_GPU_MEMORY_GIB cap respected); None
+    off CUDA."""
+    if getattr(device, "type", None) != "cuda":
+        return None
+    from personatune.plan import GIB, memory_cap_gib
+
+    free, total = torch.cuda.mem_get_info(device)
+    unused_reserved = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    limit = min(total, (memory_cap_gib() or total / GIB) * GIB) - torch.cuda.memory_allocated(device)
+    return int(max(0, min(free + unused_reserved, limit)))
+
+
+def summed_token_loss(logits, labels, chunk: int | None = None):
+    """Summed cross-entropy of next-token predictions (fp32), optionally over `chunk` positions at a time."""
+    flat = logits[:, :-1].reshape(-1, logits.size(-1))
+    targets = labels[:, 1:].reshape(-1)
+    if not chunk or flat.shape[0] <= chunk:
+        return torch.nn.functional.cross_entropy(flat.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return sum(torch.nn.functional.cross_entropy(flat[s:s + chunk].float(), targets[s:s + chunk],
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+               for s in range(0, flat.shape[0], chunk))
 
 
 @torch.no_grad()
-def mean_loss(model, dataset, tok, batch_size: int = 16) -> float:
-    """Mean cross-entropy per response token (prompt and padding are masked out)."""
+def mean_loss(model, dataset, tok, batch_size: int = LOSS_BATCH) -> float:
+    """Mean cross-entropy per response token (prompt and padding are masked out). On a GPU the batches are sized
+    to the free memory, the logits taken in chunks, and a batch that runs out of memory is retried smaller; on a
+    CPU the numbers are computed exactly as before (16 rows, the whole batch at once)."""
     model.eval()
     collate = collator(tok)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+    free = free_cuda_bytes(device)
+    size = batch_size if free is None else rows_that_fit(
+        batch_size, max((len(x) for x in dataset["input_ids"]), default=1), model.config.get_text_config().vocab_size, free)
+    chunk = LOGIT_CHUNK_TOKENS if device.type == "cuda" else None
+
+    def run(start: int, end: int) -> tuple[float, int]:
+        batch = collate([dataset[i] for i in range(start, end)])
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        total += losses.item()
-        count += int((labels != IGNORE_INDEX).sum())
-    return total / max(count, 1)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"]
+        return summed_token_loss(logits, labels, chunk).item(), int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+    parts = in_batches(len(dataset), size, run)
+    return sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1)
 
 
 @torch.no_grad()
@@ -62,23 +128,30 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
                   use_cache=True, streamer=streamer, **decoding.generate_kwargs())
     if stop_markers:
         kwargs.update(stop_strings=STOP_STRINGS, tokenizer=tok)
-    results = []
     side = tok.padding_side
     tok.padding_side = "left"  # generation appends on the right, so prompts are padded on the left
+    # On a GPU: as many prompts at once as the free memory holds (prompt + reply tokens); OOM retries smaller
+    free = free_cuda_bytes(device)
+    size = batch_size if free is None else rows_that_fit(
+        batch_size, decoding.max_new_tokens + max((len(tok(format_prompt(i, u), split_special_tokens=True)["input_ids"])
+                                                   for i, u in prompts), default=1),
+        model.config.get_text_config().vocab_size, free)
+
+    def run(start: int, end: int) -> list[dict]:
+        chunk = prompts[start:end]
+        # split_special_tokens: a user's "<|im_start|>" (or the EOS string) stays text, never a control token
+        inputs = tok([format_prompt(i, u) for i, u in chunk], return_tensors="pt", padding=True,
+                     split_special_tokens=True).to(device)
+        if decoding.sampling:
+            torch.manual_seed(seed + start)
+        out = model.generate(**inputs, **kwargs)
+        return [_describe(tok, instruction, user, row)
+                for (instruction, user), row in zip(chunk, out[:, inputs["input_ids"].shape[1]:].tolist())]
+
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            # split_special_tokens: a user's "<|im_start|>" (or the EOS string) stays text, never a control token
-            inputs = tok([format_prompt(i, u) for i, u in chunk], return_tensors="pt", padding=True,
-                         split_special_tokens=True).to(device)
-            if decoding.sampling:
-                torch.manual_seed(seed + start)
-            out = model.generate(**inputs, **kwargs)
-            for (instruction, user), row in zip(chunk, out[:, inputs["input_ids"].shape[1]:].tolist()):
-                results.append(_describe(tok, instruction, user, row))
+        return [r for part in in_batches(len(prompts), size, run) for r in part]
     finally:
         tok.padding_side = side
-    return results
 
 
 def _describe(tok, instruction: str, user: str, new_tokens: list[int]) -> dict:

@@ -103,6 +103,9 @@ def load_base_model(resolved: str, cfg: FinetuneConfig):
             bnb_4bit_compute_dtype=dtype,
         )
     if torch.cuda.is_available():
+        from personatune.speedups import enforce_memory_cap
+
+        enforce_memory_cap()  # every process that puts a model on the card keeps to PERSONATUNE_GPU_MEMORY_GIB
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)

@@ -1,4 +1,11 @@
-"""Train the LoRA adapters with the Hugging Face Trainer.
+"""Train the LoRA adapters with the Hugging Face Trainer: one recipe, read top to bottom.
+
+The caller plans the run once (`plan_for_run`: a pure `personatune.plan.TrainPlan`); `train_adapter(cfg, plan, ...)`
+then loads the model, applies the plan's speed-ups (`personatune.speedups.apply_plan`), builds the Trainer and saves.
+Everything a caller may change comes in as a parameter (plan, callbacks, data collator, Trainer class, extra
+TrainingArguments): the flow, the ranks of a multi-GPU run and the benchmarks call the same function.
+`run_training` is what the flow's task runs: in this process, or one rank per GPU under torchrun, with the
+out-of-memory back-off around either (`train_with_oom_backoff`).
 
 Checkpoints are written every epoch into `checkpoints_dir`; calling `train_adapter` again with the same
 folders (a retried task, a re-run after a crash) resumes from the last one instead of starting over.
@@ -28,7 +35,7 @@ def collator(tok, packing: bool = False, varlen: bool = False):
     no attention mask; the attention kernels then keep examples apart (the loss equals the padded batch's, see
     tests/test_packing.py). The first label of each example is -100 (it would be predicted from the previous
     example); ours is a prompt token, masked anyway. `varlen` adds the example boundaries (`cu_seq_lens_*`,
-    `max_length_*`) for the varlen flash attention of the GPU profiles (personatune/profiles.py).
+    `max_length_*`) for the varlen flash attention of the GPU profiles (personatune/plan.py, personatune/speedups.py).
     """
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
@@ -38,9 +45,16 @@ def collator(tok, packing: bool = False, varlen: bool = False):
     return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
 
-def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int, plan=None, held_out: bool = False):
+def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int, plan=None, held_out: bool = False,
+                       **overrides):
     """TrainingArguments of the recipe. With a GPU profile's `plan`, checkpointing is set per layer on the model
-    (profiles.apply_plan), so the Trainer must not switch it on for every layer again.
+    (speedups.apply_plan), so the Trainer must not switch it on for every layer again. `overrides`: more
+    TrainingArguments fields (a rank's collective timeout, a benchmark's DDP variant).
+
+    The same logging interval (the plan's) on one GPU and on each rank of a multi-GPU run: every log reads the loss
+    back from the GPU and, under DDP, gathers it across ranks. Under DDP every trainable (LoRA) parameter gets a
+    gradient in every step, so DDP need not search the graph for unused ones, and the buffers (rotary tables) are
+    the same on every rank, so they need no broadcast before each forward; one process ignores both.
 
     With `held_out` rows the held-out loss is measured every `eval_every_steps` (or once an epoch) and at the last
     step, a checkpoint is saved at each measurement, and the best one (lowest held-out loss) is what training
@@ -80,6 +94,9 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int, p
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+        ddp_broadcast_buffers=False,
+        **overrides,
     )
 
 
@@ -95,12 +112,12 @@ class StepLosses:
         self.pending: list = []          # micro-batch losses of the step in progress (device tensors)
         self.steps: list[tuple] = []     # (step, epoch, lr, loss tensor or float)
 
-    def trainer_class(self):
+    def trainer_class(self, base=None):
         from transformers import Trainer
 
         recorder = self
 
-        class RecordingTrainer(Trainer):
+        class RecordingTrainer(base or Trainer):
             def training_step(self, *args, **kwargs):
                 loss = super().training_step(*args, **kwargs)
                 recorder.pending.append(loss.detach())
@@ -161,53 +178,59 @@ def last_checkpoint(checkpoints: Path) -> str | None:
     return None
 
 
-def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, tokenized_dir: str | Path,
-                  adapter_dir: str | Path, checkpoints_dir: str | Path | None = None,
-                  callbacks: list | None = None, max_micro_batch: int | None = None) -> Path:
-    """Train from the initial adapter into `adapter_dir` (adapter + tokenizer + history.json).
+def plan_for_run(cfg: FinetuneConfig, resolved: str, tokenized_dir: str | Path, cuda: bool | None = None):
+    """The run's layout (personatune.plan.plan_training) from the model's shape and the training examples' lengths."""
+    from personatune.plan import ModelShape, plan_training
 
-    `max_micro_batch` caps the examples per forward pass (after an out-of-memory error); the optimizer step
-    keeps its size through more accumulation."""
-    import dataclasses
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    lengths = [len(x) for x in load_tokenized(tokenized_dir)["train"]["input_ids"]]
+    shape = ModelShape.from_pretrained(resolved, cfg.base_revision) if cuda else None
+    return plan_training(cfg, shape, lengths, cuda=cuda)
+
+
+def train_adapter(cfg: FinetuneConfig, plan, resolved: str, init_adapter: str | Path, tokenized_dir: str | Path,
+                  adapter_dir: str | Path, checkpoints_dir: str | Path | None = None, *, callbacks: list | None = None,
+                  data_collator=None, trainer_class=None, arguments: dict | None = None) -> Path:
+    """Train from the initial adapter into `adapter_dir` (adapter + tokenizer + history.json), laid out as `plan`.
+
+    `callbacks`: more TrainerCallbacks; `data_collator` (default: `collator` for the plan's packing and attention);
+    `trainer_class`: a Trainer subclass to build on; `arguments`: more TrainingArguments fields."""
     import shutil
 
-    from personatune.profiles import ModelShape, apply_plan, apply_plan_to_config, plan_training
+    from personatune.plan import apply_plan_to_config
+    from personatune.speedups import apply_plan
 
     adapter_dir = Path(adapter_dir)
     if is_complete(adapter_dir):
         return adapter_dir
     checkpoints = Path(checkpoints_dir) if checkpoints_dir else adapter_dir.with_name(adapter_dir.name + ".checkpoints")
-    tok = load_tokenizer(resolved, cfg.base_revision)
-    data = load_tokenized(tokenized_dir)
-    plan = plan_training(cfg, ModelShape.from_pretrained(resolved, cfg.base_revision) if torch.cuda.is_available() else None,
-                         [len(x) for x in data["train"]["input_ids"]])
-    if max_micro_batch and plan.micro_batch_size > max_micro_batch:
-        micro = split_at_most(plan.micro_batch_size * plan.grad_accum, max_micro_batch)
-        plan = dataclasses.replace(plan, micro_batch_size=micro, grad_accum=plan.micro_batch_size * plan.grad_accum // micro,
-                                   reason=plan.reason + f"; micro-batch capped at {max_micro_batch} after out-of-memory")
     logger.info("training layout: %s", plan.describe())
     print(f"Training layout: {plan.describe()}", flush=True)
+    tok = load_tokenizer(resolved, cfg.base_revision)
+    data = load_tokenized(tokenized_dir)
+    held_out = len(data["eval"]) > 0
     cfg = apply_plan_to_config(cfg, plan)
+    args = training_arguments(cfg, checkpoints, len(data["train"]), plan, held_out=held_out, **(arguments or {}))
+    if args.n_gpu > 1:
+        raise RuntimeError(f"this process sees {args.n_gpu} GPUs: the Trainer would wrap the model in nn.DataParallel "
+                           "(a bigger batch per step than planned). Run it pinned to one GPU (CUDA_VISIBLE_DEVICES) or "
+                           "one rank per GPU (personatune.distributed).")
+
+    # load -> speed-ups -> Trainer -> train -> save
     model = load_qlora_model(resolved, cfg, adapter_dir=str(init_adapter), trainable=True)
     apply_plan(model, plan, compute_dtype(cfg.compute_dtype))
-    held_out = len(data["eval"]) > 0
-    args = training_arguments(cfg, checkpoints, len(data["train"]), plan, held_out=held_out)
     recorder = StepLosses()
     callbacks = list(callbacks or []) + [recorder.callback()]
     if held_out and cfg.early_stopping_patience > 0:
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    trainer = recorder.trainer_class()(
+    trainer = recorder.trainer_class(trainer_class)(
         model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"] if held_out else None,
-        data_collator=collator(tok, cfg.packing, varlen=plan.attention == "varlen"),
+        data_collator=data_collator or collator(tok, plan.packing, varlen=plan.attention == "varlen"),
         processing_class=tok, callbacks=callbacks)
     resume = last_checkpoint(checkpoints)
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    except torch.cuda.OutOfMemoryError as oom:
-        oom.micro_batch_size = plan.micro_batch_size  # what did not fit, for train_with_oom_backoff
-        raise
+    result = trainer.train(resume_from_checkpoint=resume)
     history = [
         {"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"], "learning_rate": e.get("learning_rate")}
         for e in trainer.state.log_history if "loss" in e
@@ -235,35 +258,68 @@ def train_adapter(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, 
     return adapter_dir
 
 
-def split_at_most(effective: int, cap: int) -> int:
-    """The largest micro-batch <= cap that divides the optimizer step exactly."""
-    return max(m for m in range(1, min(cap, effective) + 1) if effective % m == 0)
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error in this process, or a rank that exited because of one (RankFailed)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or bool(getattr(error, "out_of_memory", False))
 
 
-def train_with_oom_backoff(cfg: FinetuneConfig, *args, log=print, free_memory=None, **kwargs) -> Path:
-    """`train_adapter`, but a CUDA out-of-memory error retries with half the micro-batch and more gradient
-    accumulation, so the optimizer step (and what is learned) stays the same; it says so through `log`.
-    The retry resumes from the last checkpoint when there is one. Gives up at one example per pass.
+def train_with_oom_backoff(plan, attempt, *, log=print, free_memory=None, card_gib: float | None = None) -> Path:
+    """`attempt(plan)` (train_adapter in this process, or a torchrun group), retried after an out-of-memory error
+    with the layout `personatune.plan.next_layout_after_oom` gives for the attempt that failed: the same examples
+    per optimizer step, less memory. A retry resumes from the last checkpoint when there is one. When no smaller
+    layout is left it raises `DoesNotFit` (card size, every layout tried, what to do) instead of looping.
 
-    Before the retry the failed Trainer, model and optimizer state must be gone, or the retry starts with the
+    Before a retry the failed Trainer, model and optimizer state must be gone, or the retry starts with the
     memory that just ran out still held: they are referenced from the exception's traceback (train_adapter's
     frame), so the exception is dropped first, then `free_memory` (default: `free_accelerator_memory`) runs.
     """
+    from personatune.plan import does_not_fit, next_layout_after_oom, short_layout
+
     free_memory = free_memory or free_accelerator_memory
-    cap = None
+    tried = []
     while True:
+        tried.append(plan)
         try:
-            return train_adapter(cfg, *args, max_micro_batch=cap, **kwargs)
-        except torch.cuda.OutOfMemoryError as oom:
-            used = getattr(oom, "micro_batch_size", cfg.micro_batch_size)
-            if used <= 1:
+            return attempt(plan)
+        except BaseException as error:  # noqa: BLE001 - anything but out-of-memory is re-raised at once
+            if not is_out_of_memory(error):
                 raise
+            message = str(error)
         # out of the except block: the exception, its traceback and the failed run's frames are released here
-        effective = cfg.micro_batch_size * cfg.grad_accum
-        cap = split_at_most(effective, used // 2)
-        log(f"CUDA out of memory at micro_batch_size={used}; retrying with micro_batch_size={cap} x "
-            f"grad_accum={effective // cap} (effective batch {effective} kept)")
         free_memory()
+        retry = next_layout_after_oom(plan)
+        if retry is None:
+            raise does_not_fit(tried, card_gib, message)
+        log(f"CUDA out of memory with {short_layout(plan)}; retrying with {short_layout(retry)} "
+            f"(effective batch {retry.micro_batch_size * retry.grad_accum} kept)")
+        plan = retry
+
+
+def run_training(cfg: FinetuneConfig, resolved: str, init_adapter: str | Path, tokenized_dir: str | Path,
+                 adapter_dir: str | Path, checkpoints_dir: str | Path | None = None, *, callbacks: list | None = None,
+                 log=print, warn=None) -> Path:
+    """What the flow's training task runs. The plan is made once, here; then either `train_adapter` in this
+    process (CPU, or the one GPU this process sees) or one rank per GPU started by torchrun on exactly the GPUs
+    `num_gpus` asks for (personatune.distributed; also for one GPU of several, so the Trainer never sees more
+    GPUs than it should). Out-of-memory errors back off the same way on both paths. `callbacks` reach the
+    in-process Trainer; the ranks' lines reach `log`."""
+    from personatune import distributed
+    from personatune.plan import card_memory_gib
+
+    adapter_dir = Path(adapter_dir)
+    if is_complete(adapter_dir):
+        return adapter_dir
+    devices = distributed.devices_for(cfg)
+    plan = plan_for_run(cfg, resolved, tokenized_dir)
+    if devices is None:
+        def attempt(p):
+            return train_adapter(cfg, p, resolved, init_adapter, tokenized_dir, adapter_dir, checkpoints_dir,
+                                 callbacks=callbacks)
+    else:
+        def attempt(p):
+            return distributed.train_distributed(cfg, p, resolved, init_adapter, tokenized_dir, adapter_dir,
+                                                 checkpoints_dir, devices=devices, log=log)
+    return train_with_oom_backoff(plan, attempt, log=warn or log, card_gib=card_memory_gib())
 
 
 def free_accelerator_memory() -> None:

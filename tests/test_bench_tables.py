@@ -72,3 +72,25 @@ def test_raw_bench_output_prints_as_bench_py_prints_it(tmp_path):
     cells = [c.strip() for c in gpu.strip("|").split("|")]
     assert cells[2:5] == ["10,000", "10.0", "10,000 (10.0)"]  # tokens/s, x seed, median step
     assert cells[-2] == f"{3 * 19483 / 10000:.0f} s (+{3.0 + 3.0 - 2 * 0.1:.0f} s)"  # 3 epochs, plus the warm-up's cost
+
+
+def test_flow_gpu_reads_each_stages_time_from_the_prefect_log():
+    import datetime as dt
+
+    import flow_gpu  # bench/flow_gpu.py
+
+    started = dt.datetime.combine(dt.date.today(), dt.time(10, 0, 0)).timestamp()
+    lines = ["10:00:05.000 | INFO    | prefect.engine - Beginning flow run 'x' for flow 'finetune'",
+             "10:00:06.500 | INFO    | Task run 'validate-0123456789' - Finished in state Completed()",
+             "Training layout: profile gpu: 16 examples x 1 accumulation",
+             "10:00:08.000 | INFO    | Task run 'tokenize-abcdef0123' - Finished in state Completed()",
+             "10:00:20.000 | INFO    | Task run 'build_model-abcdef0123' - Finished in state Completed()",
+             "10:00:40.000 | INFO    | Task run 'train-abcdef0123' - Finished in state Completed()",
+             "10:00:45.000 | INFO    | Task run 'score-abcdef0123' - Finished in state Completed()",
+             "10:00:49.000 | INFO    | Task run 'score-9876543210' - Finished in state Completed()",
+             "10:00:55.000 | INFO    | Task run 'evaluate-abcdef0123' - Finished in state Completed()",
+             "10:00:55.500 | INFO    | Task run 'judge_challenger-1a2' - Finished in state Completed()",
+             "10:00:57.000 | INFO    | Flow run 'x' - Finished in state Completed()"]
+    assert flow_gpu.stage_times(lines, started) == {"start-up": 5.0, "validate": 1.5, "tokenize": 1.5,
+                                                    "build_model": 12.0, "train": 20.0, "score": 9.0,
+                                                    "evaluate": 6.0, "publish": 2.0}

@@ -8,9 +8,9 @@ from tasks.caching import STAGE_FIELDS, STAGE_MODULES, stage_key
 def test_each_stage_hashes_the_modules_it_runs_and_what_they_import():
     closure = {stage: module_closure(*mods) for stage, mods in STAGE_MODULES.items()}
     assert {"__init__", "config", "data", "files"} <= closure["validate"]
-    assert not {"train", "profiles", "evaluate", "model", "tokenization"} & closure["validate"]
+    assert not {"train", "plan", "speedups", "evaluate", "model", "tokenization"} & closure["validate"]
     assert {"tokenization", "prompt", "data"} <= closure["tokenize"] and "train" not in closure["tokenize"]
-    assert {"train", "profiles", "model", "distributed", "train_rank", "tokenization"} <= closure["train"]
+    assert {"train", "plan", "speedups", "model", "distributed", "train_rank", "tokenization"} <= closure["train"]
     assert not {"evaluate", "metrics", "hub"} & closure["train"]   # an evaluation edit keeps the trained adapter
     assert {"evaluate", "metrics", "model"} <= closure["evaluate"]
     assert "hub" not in set().union(*closure.values())              # publishing is not a cached stage

@@ -128,7 +128,7 @@ def test_cuda_oom_halves_the_micro_batch_and_frees_the_failed_model_first(tmp_pa
     import gc
     import weakref
 
-    from personatune.train import train_with_oom_backoff
+    from personatune.train import plan_for_run, train_adapter, train_with_oom_backoff
 
     seen, failed, freed = [], [], []
 
@@ -147,12 +147,17 @@ def test_cuda_oom_halves_the_micro_batch_and_frees_the_failed_model_first(tmp_pa
     cfg, tok_dir, init = prepared_training(tmp_path, small_csv, tokenizer, base_model_dir, micro_batch_size=4,
                                            grad_accum=2, max_steps=1)
     messages = []
-    adapter = train_with_oom_backoff(cfg, base_model_dir, init / "adapter", tok_dir, tmp_path / "adapter",
-                                     callbacks=[trainer_callback(on_train_begin=on_train_begin,
-                                                                 on_step_begin=on_step_begin)],
-                                     log=messages.append, free_memory=free_memory)
-    assert seen == [(4, 2), (2, 4), (1, 8)]  # effective batch 8 throughout
-    assert len(messages) == 2 and "retrying with micro_batch_size=2 x grad_accum=4 (effective batch 8" in messages[0]
+    injected = trainer_callback(on_train_begin=on_train_begin, on_step_begin=on_step_begin)
+    adapter = train_with_oom_backoff(
+        plan_for_run(cfg, base_model_dir, tok_dir),
+        lambda plan: train_adapter(cfg, plan, base_model_dir, init / "adapter", tok_dir, tmp_path / "adapter",
+                                   callbacks=[injected]),
+        log=messages.append, free_memory=free_memory)
+    assert seen == [(4, 2), (2, 4), (1, 8)]  # effective batch 8 throughout, halved from the attempt that failed
+    assert messages == ["CUDA out of memory with 4 x 2, checkpointing off; retrying with 2 x 4, checkpointing off "
+                        "(effective batch 8 kept)",
+                        "CUDA out of memory with 2 x 4, checkpointing off; retrying with 1 x 8, checkpointing off "
+                        "(effective batch 8 kept)"]
     assert freed == [[True], [True, True]]  # each failed model collected before the memory was released
     assert (adapter / "adapter_model.safetensors").is_file()
 
@@ -207,14 +212,14 @@ def test_cuda_oom_after_a_checkpoint_resumes_from_it_in_the_training_task(tmp_pa
     # said on the task's run logger (read at the logger itself: Prefect's console handler may hold an earlier test's
     # stderr, and whether its records propagate to pytest's caplog depends on what configured logging before)
     assert [r.getMessage() for r in task_log if "out of memory" in r.getMessage()] == [
-        "CUDA out of memory at micro_batch_size=4; retrying with micro_batch_size=2 x grad_accum=4 (effective batch 8 kept)"]
+        "CUDA out of memory with 4 x 2, checkpointing off; retrying with 2 x 4, checkpointing off (effective batch 8 kept)"]
     assert (adapter / ".complete").is_file() and not adapter.with_name(adapter.name + ".checkpoints").exists()
 
 
 def test_an_incomplete_checkpoint_is_skipped_on_resume(tmp_path, small_csv, base_model_dir, tokenizer):
     """A kill while checkpoint-2 was being saved leaves it without trainer_state.json (the Trainer writes it
     last): the next run resumes from checkpoint-1, the newest complete one."""
-    from personatune.train import train_adapter
+    from personatune.train import plan_for_run, train_adapter
 
     steps = []
 
@@ -228,13 +233,14 @@ def test_an_incomplete_checkpoint_is_skipped_on_resume(tmp_path, small_csv, base
     cfg, tok_dir, init = prepared_training(tmp_path, small_csv, tokenizer, base_model_dir, micro_batch_size=8,
                                            grad_accum=1, max_steps=3, eval_every_steps=1)
     adapter, checkpoints = tmp_path / "adapter", tmp_path / "adapter.checkpoints"
+    plan = plan_for_run(cfg, base_model_dir, tok_dir)
     with pytest.raises(KeyboardInterrupt):
-        train_adapter(cfg, base_model_dir, init / "adapter", tok_dir, adapter, checkpoints,
+        train_adapter(cfg, plan, base_model_dir, init / "adapter", tok_dir, adapter, checkpoints,
                       callbacks=[trainer_callback(on_step_begin=killed_at_step_3)])
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2"]
     (checkpoints / "checkpoint-2" / "trainer_state.json").unlink()  # what a kill mid-save leaves
 
-    train_adapter(cfg, base_model_dir, init / "adapter", tok_dir, adapter, checkpoints,
+    train_adapter(cfg, plan, base_model_dir, init / "adapter", tok_dir, adapter, checkpoints,
                   callbacks=[trainer_callback(on_step_end=on_step_end)])
     history = json.loads((adapter / "history.json").read_text())
     assert history["resumed_from"] == "checkpoint-1" and history["global_step"] == 3
@@ -313,3 +319,55 @@ def test_bad_parameters_are_rejected_before_work_starts(tmp_path, small_csv):
         finetune.validate_parameters({"lora_r": "eight"})
     assert finetune.validate_parameters({"lora_r": "16"})["lora_r"] == 16
     assert not out.exists()
+
+
+def test_evaluation_batches_fit_the_free_memory_and_shrink_on_out_of_memory():
+    from personatune.evaluate import in_batches, rows_that_fit
+
+    assert rows_that_fit(16, 140, 49152, None) == 16                      # CPU: the measured default
+    assert rows_that_fit(16, 140, 49152, 80 * 2**30) == 16                 # a big card: the default
+    assert rows_that_fit(32, 190, 49152, 2 * 2**30) == 11                  # 2 GiB free: half of it for the logits
+    assert rows_that_fit(32, 190, 49152, 10 * 2**20) == 1                  # never below one row
+    sizes = []
+
+    def run(start, end):
+        sizes.append(end - start)
+        if end - start > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return list(range(start, end))
+
+    parts = in_batches(10, 16, run)
+    assert [i for p in parts for i in p] == list(range(10))  # every row once, in order
+    assert sizes == [10, 5, 2, 2, 2, 2, 2]                    # the failed batch halved, then kept small
+    with pytest.raises(torch.cuda.OutOfMemoryError):           # one row does not fit: the error, not a loop
+        in_batches(3, 4, lambda s, e: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("no")))
+
+
+def test_held_out_loss_is_the_same_when_batches_run_out_of_memory(base_model_dir, tokenizer, tmp_path, good_rows):
+    """mean_loss retried in smaller batches after an out-of-memory error gives the loss of the full batches."""
+    from personatune.evaluate import mean_loss
+    from personatune.model import load_base_model
+    from personatune.config import FinetuneConfig
+    from personatune.data import build_dataset
+    from personatune.tokenization import load_tokenized, tokenize_dataset
+
+    cfg = FinetuneConfig(compute_dtype="fp32", load_in_4bit=False)
+    ds = build_dataset(write_csv(tmp_path / "q.csv", good_rows), 0.2, tmp_path / "ds")
+    rows = load_tokenized(tokenize_dataset(ds, tokenizer, cfg.max_seq_len, cfg.on_long_row, tmp_path / "tok"))["train"]
+    rows = rows.select(range(12))
+    model = load_base_model(base_model_dir, cfg)
+    full = mean_loss(model, rows, tokenizer)
+    batches = []
+
+    def small_card(module, args, kwargs):
+        batches.append(kwargs["input_ids"].shape[0])
+        if kwargs["input_ids"].shape[0] > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    hook = model.register_forward_pre_hook(small_card, with_kwargs=True)
+    try:
+        retried = mean_loss(model, rows, tokenizer)
+    finally:
+        hook.remove()
+    assert batches[:3] == [12, 6, 3] and max(batches[2:]) == 3 and sum(batches[2:]) == len(rows) == 12
+    assert abs(retried - full) / full < 1e-5 and 0.5 < full < 15

@@ -1,4 +1,5 @@
-"""Training profiles: the layout they choose for a card, and that the GPU profile's model changes keep the loss."""
+"""Training plans (personatune.plan, pure): the layout they choose for a card and how they back off after an
+out-of-memory error; and that the speed-ups (personatune.speedups) that carry out a GPU plan keep the loss."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 
 from personatune.config import ConfigError, FinetuneConfig
 from personatune.model import load_qlora_model
-from personatune.profiles import (ModelShape, TrainPlan, apply_plan, chunked_causal_lm_loss, estimate_peak_gib,
-                                  plan_training)
+from personatune.plan import ModelShape, TrainPlan, estimate_peak_gib, plan_training
+from personatune.speedups import apply_plan, chunked_causal_lm_loss
 from personatune.tokenization import IGNORE_INDEX, encode_example
 from personatune.train import collator, training_arguments
 
@@ -179,7 +180,7 @@ def test_compiled_layers_trace_the_4bit_lora_layer_and_keep_loss_and_gradients(b
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from personatune.profiles import compile_layers
+    from personatune.speedups import compile_layers
     from tests.test_packing import features
 
     model = _trainable_model(base_model_dir)
@@ -199,23 +200,20 @@ def test_compiled_layers_trace_the_4bit_lora_layer_and_keep_loss_and_gradients(b
     assert set(model.state_dict()) == keys
 
 
-def test_logging_every_few_steps_still_records_every_step_loss(tmp_path, base_model_dir, tokenizer, good_rows, monkeypatch):
+def test_logging_every_few_steps_still_records_every_step_loss(tmp_path, base_model_dir, tokenizer, good_rows):
     """GPU plans log every GPU_LOGGING_STEPS (a log reads the loss back from the device); history.json still gets
     each step's loss, and those agree with what the Trainer logged for the same steps."""
     import dataclasses
     import json
 
-    import personatune.profiles as profiles
     from personatune.data import build_dataset
     from personatune.model import build_model
     from personatune.tokenization import tokenize_dataset
-    from personatune.train import train_adapter
+    from personatune.train import plan_for_run, train_adapter
     from tests.conftest import write_csv
     from transformers import TrainerCallback
 
     assert plan_training(FinetuneConfig(profile="gpu"), LLAMA_7B, LENGTHS, memory_gib=24, cuda=True).logging_steps > 1
-    real = profiles.plan_training
-    monkeypatch.setattr(profiles, "plan_training", lambda *a, **k: dataclasses.replace(real(*a, **k), logging_steps=2))
     cfg = FinetuneConfig(compute_dtype="fp32", max_steps=4, micro_batch_size=2, grad_accum=2, eval_fraction=0.2)
     csv = write_csv(tmp_path / "quotes.csv", good_rows)
     ds = build_dataset(csv, cfg.eval_fraction, tmp_path / "dataset")
@@ -228,7 +226,9 @@ def test_logging_every_few_steps_still_records_every_step_loss(tmp_path, base_mo
             if logs and "loss" in logs:
                 logged.append((state.global_step, logs["loss"]))
 
-    adapter = train_adapter(cfg, base_model_dir, init / "adapter", tokenized, tmp_path / "adapter", callbacks=[Logs()])
+    plan = dataclasses.replace(plan_for_run(cfg, base_model_dir, tokenized), logging_steps=2)  # as a GPU plan logs
+    adapter = train_adapter(cfg, plan, base_model_dir, init / "adapter", tokenized, tmp_path / "adapter",
+                            callbacks=[Logs()])
     history = json.loads((adapter / "history.json").read_text())
     steps = {e["step"]: e["loss"] for e in history["loss"]}
     assert [s for s, _ in logged] == [2, 4] and sorted(steps) == [1, 2, 3, 4]
@@ -237,3 +237,94 @@ def test_logging_every_few_steps_still_records_every_step_loss(tmp_path, base_mo
         assert abs((steps[step - 1] + steps[step]) / 2 - loss) < 1e-3, (steps, logged)
     assert all(0.5 < v < 15 for v in steps.values()) and len(set(steps.values())) == 4
     assert all(e["learning_rate"] is not None and e["epoch"] > 0 for e in history["loss"])
+
+
+def test_the_budget_leaves_the_allocators_measured_margin():
+    from personatune.plan import ALLOCATOR_MARGIN_GIB, HEADROOM, budget_gib
+
+    assert budget_gib(8) == pytest.approx(8 * HEADROOM - ALLOCATOR_MARGIN_GIB) and ALLOCATOR_MARGIN_GIB >= 0.57
+    llama = ModelShape(hidden=4096, layers=32, intermediate=11008, vocab=32000)
+    for card in (6, 8, 12, 16, 24):
+        plan = plan_training(FinetuneConfig(profile="gpu"), llama, LENGTHS, memory_gib=card, cuda=True)
+        assert plan.budget_gib == pytest.approx(budget_gib(card), abs=0.01)
+        if plan.reason != "card too small for the estimate; smallest layout":
+            assert plan.estimated_peak_gib <= budget_gib(card)
+    # the layout that ran out of memory on an 8 GiB card (issue 18: 19/32 layers, "7.3 GiB of a 7.4 GiB budget")
+    # is no longer chosen there: more layers are checkpointed
+    assert plan_training(FinetuneConfig(profile="gpu"), llama, LENGTHS, memory_gib=8, cuda=True).checkpoint_layers > 19
+
+
+def attempts_until_it_fits(plan, fits, card_gib=8.0):
+    """The layouts train_with_oom_backoff tries when `fits(layout)` says which ones fit the card (pure: no model)."""
+    from personatune.train import train_with_oom_backoff
+
+    tried, messages = [], []
+
+    def attempt(p):
+        tried.append(p)
+        if not fits(p):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (emulated)")
+        return p
+
+    return train_with_oom_backoff(plan, attempt, log=messages.append, free_memory=lambda: None, card_gib=card_gib), tried, messages
+
+
+def test_oom_backoff_checkpoints_every_layer_before_it_shrinks_the_batch_and_halves_from_the_last_attempt():
+    big = plan_training(FinetuneConfig(profile="gpu"), LLAMA_7B, LENGTHS, memory_gib=80, cuda=True)
+    assert big.dequantized_base and big.checkpoint_layers == 0 and (big.micro_batch_size, big.grad_accum) == (16, 1)
+    done, tried, messages = attempts_until_it_fits(big, lambda p: p.micro_batch_size <= 4)
+    layouts = [(p.micro_batch_size, p.grad_accum, p.checkpoint_layers, p.dequantized_base) for p in tried]
+    assert layouts == [(16, 1, 0, True), (16, 1, 0, False), (16, 1, 32, False), (8, 2, 32, False), (4, 4, 32, False)]
+    assert done is tried[-1] and all(p.micro_batch_size * p.grad_accum == 16 for p in tried)  # same step throughout
+    assert messages[-1] == ("CUDA out of memory with 8 x 2, checkpointing 32/32; retrying with 4 x 4, checkpointing "
+                            "32/32 (effective batch 16 kept)")
+    # a plan that already split the step halves from where it is, not from the config's micro-batch
+    _, tried, _ = attempts_until_it_fits(dataclasses_replace(big, micro_batch_size=8, grad_accum=2, checkpoint_layers=32,
+                                                             dequantized_base=False), lambda p: p.micro_batch_size <= 2)
+    assert [(p.micro_batch_size, p.grad_accum) for p in tried] == [(8, 2), (4, 4), (2, 8)]
+
+
+def dataclasses_replace(plan, **changes):
+    import dataclasses
+
+    return dataclasses.replace(plan, **changes)
+
+
+def test_oom_backoff_gives_up_with_one_clear_error_instead_of_looping():
+    from personatune.plan import DoesNotFit
+
+    for plan in (plan_training(FinetuneConfig(profile="gpu"), LLAMA_7B, LENGTHS, memory_gib=8, cuda=True),
+                 plan_training(FinetuneConfig(micro_batch_size=4, grad_accum=2), cuda=False)):
+        with pytest.raises(DoesNotFit) as err:
+            attempts_until_it_fits(plan, lambda p: False, card_gib=8.0)
+        message = str(err.value)
+        assert "8.0 GiB card" in message and "--profile low-memory" in message and "Tried to allocate 2.00 GiB" in message
+        assert message.count(" x ") == len(message.split("; ")) >= 3  # every layout tried is named
+    # the CPU plan (no per-layer checkpointing) only halves the micro-batch: 4 x 2, 2 x 4, 1 x 8, then gives up
+    _, tried, _ = attempts_until_it_fits(plan, lambda p: p.micro_batch_size == 1)
+    assert [(p.micro_batch_size, p.grad_accum) for p in tried] == [(4, 2), (2, 4), (1, 8)]
+    # anything but an out-of-memory error is not retried
+    calls = []
+
+    def broken(p):
+        calls.append(p)
+        raise ValueError("bad data")
+
+    from personatune.train import train_with_oom_backoff
+
+    with pytest.raises(ValueError, match="bad data"):
+        train_with_oom_backoff(plan, broken, log=print, free_memory=lambda: None)
+    assert len(calls) == 1
+
+
+def test_memory_cap_is_read_and_turned_into_a_fraction_of_the_card():
+    from personatune.plan import GIB, memory_cap_gib, memory_fraction
+
+    assert memory_cap_gib({}) is None and memory_cap_gib({"PERSONATUNE_GPU_MEMORY_GIB": "8"}) == 8.0
+    with pytest.raises(ValueError, match="PERSONATUNE_GPU_MEMORY_GIB='eight'"):
+        memory_cap_gib({"PERSONATUNE_GPU_MEMORY_GIB": "eight"})
+    with pytest.raises(ValueError, match="positive"):
+        memory_cap_gib({"PERSONATUNE_GPU_MEMORY_GIB": "0"})
+    h200 = int(139.8 * GIB)
+    assert memory_fraction(8, h200) == pytest.approx(8 / 139.8)
+    assert memory_fraction(None, h200) is None and memory_fraction(200, h200) is None  # no cap above the card

@@ -99,7 +99,7 @@ def test_best_checkpoint_is_kept_when_the_last_epoch_is_worse(tmp_path, base_mod
     from personatune.evaluate import mean_loss
     from personatune.model import build_model, load_qlora_model
     from personatune.tokenization import load_tokenized, tokenize_dataset
-    from personatune.train import train_adapter
+    from personatune.train import run_training
     from tests.conftest import QUOTES, write_csv
 
     import csv
@@ -111,7 +111,7 @@ def test_best_checkpoint_is_kept_when_the_last_epoch_is_worse(tmp_path, base_mod
     ds = build_dataset(csv_path, cfg.eval_fraction, tmp_path / "ds")
     tok_dir = tokenize_dataset(ds, tokenizer, cfg.max_seq_len, "reject", tmp_path / "tok")
     init = build_model(base_model_dir, cfg, tmp_path / "init")
-    adapter = train_adapter(cfg, base_model_dir, init / "adapter", tok_dir, tmp_path / "adapter")
+    adapter = run_training(cfg, base_model_dir, init / "adapter", tok_dir, tmp_path / "adapter")
     history = json.loads((adapter / "history.json").read_text())
     curve = [e["eval_loss"] for e in history["eval_loss"]]
     assert len(curve) == 4 and curve[-1] > min(curve), curve  # the case under test: the last epoch is worse

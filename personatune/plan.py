@@ -1,6 +1,9 @@
-"""Training profiles: how a run is laid out on the hardware it finds, without changing what is learned.
+"""The training plan: how a run is laid out on the hardware it finds, without changing what is learned. Pure:
+numbers in (config, model shape, example lengths, card memory), numbers out (a `TrainPlan`); no model is touched
+here, so every choice is testable on a CPU (tests/test_profiles.py). `personatune.speedups.apply_plan` then changes
+the loaded model to follow the plan; `personatune.train.train_adapter` takes the plan as a parameter.
 
-A profile never changes the recipe (examples per optimizer step, learning rate, schedule, epochs, LoRA): it only
+A plan never changes the recipe (examples per optimizer step, learning rate, schedule, epochs, LoRA): it only
 chooses how the `micro_batch_size x grad_accum` examples of one optimizer step are computed. The optimizer sees
 the same examples in the same order either way, and the loss is normalised by the number of response tokens of
 the whole step, so the gradients are the same up to rounding.
@@ -8,28 +11,24 @@ the whole step, so the gradients are the same up to rounding.
 | profile | where | what it does |
 |---|---|---|
 | `auto` (default) | CUDA | `gpu` |
-| `auto` | CPU | `manual` (the CPU path is unchanged) |
+| `auto` | CPU | `cpu`: the config's layout (the CPU path is unchanged), frozen NF4 weights dequantized once |
 | `gpu` | CUDA | bf16, padding-free packing, varlen flash attention, the whole optimizer step in one micro-batch, activation checkpointing on only as many layers as the card's memory needs, frozen lm_head kept in the compute dtype, chunked loss, decoder layers compiled (`compile`), and on a card with memory to spare the frozen NF4 weights cached dequantized in the compute dtype |
 | `low-memory` | CUDA, small cards | the same, with every layer checkpointed and the weights kept in 4 bits: fits where the seed recipe fits |
 | `manual` | anywhere | exactly the config's `micro_batch_size`, `grad_accum`, `gradient_checkpointing`, `packing`; stock SDPA attention |
 
-`plan_training` is a pure function of the config, the model's shape, the examples' lengths and the card's memory, so
-the choice is testable on a CPU (tests/test_profiles.py). `apply_plan` then changes the loaded model in place.
-Measured numbers behind the memory model and the choices: BENCHMARKS.md.
+When a layout still runs out of memory, `next_layout_after_oom` is the back-off: the same examples per step with
+less memory (cached weights dropped, then every layer checkpointed, then half the micro-batch), ending in
+`DoesNotFit` after one example per pass. Measured numbers behind the memory model and the choices: BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 PROFILES = ("auto", "gpu", "low-memory", "manual")
-VARLEN_ATTENTION = "personatune_varlen"
 GIB = 1024**3
 
 
@@ -114,6 +113,10 @@ LOW_MEMORY_LOSS_CHUNK_TOKENS = 256
 LOSS_BYTES = 12
 FIXED_GIB = 0.6                   # CUDA workspaces, LoRA weights and optimizer state, allocator slack
 HEADROOM = 0.92                   # share of the card's memory the plan may use
+# Kept free besides: the caching allocator reserves more than is allocated (reserved - allocated at the peak:
+# 0.57 GiB low-memory, 0.39 GiB gpu@24GiB, H200, BENCHMARKS.md), and an 8 GiB plan estimated at 7.3 GiB of a
+# 7.4 GiB budget ran out of memory (issue 18). The estimate is of allocated memory, so the budget leaves that gap.
+ALLOCATOR_MARGIN_GIB = 0.6
 # Compiled layers keep fewer activations (fused casts and elementwise ops): peak memory above the weights fell
 # from 6.7 to 3.6 GiB on the 7B bench step (H200, BENCHMARKS.md). 0.6 keeps a margin over the measured 0.54.
 COMPILED_ACT_SCALE = 0.6
@@ -140,13 +143,42 @@ def estimate_peak_gib(shape: ModelShape, tokens: int, checkpoint_layers: int, le
 
 
 def card_memory_gib() -> float | None:
-    """Memory of the current CUDA card; PERSONATUNE_GPU_MEMORY_GIB overrides it (size for a smaller card)."""
-    override = os.environ.get("PERSONATUNE_GPU_MEMORY_GIB")
+    """Memory of the current CUDA card; PERSONATUNE_GPU_MEMORY_GIB overrides it (size for a smaller card; the cap is
+    also enforced, `personatune.speedups.enforce_memory_cap`)."""
+    override = memory_cap_gib()
     if override:
-        return float(override)
+        return override
+    import torch
+
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+
+
+def memory_cap_gib(environ=None) -> float | None:
+    """PERSONATUNE_GPU_MEMORY_GIB as a number (None when unset); a bad value is a clear error."""
+    value = (os.environ if environ is None else environ).get("PERSONATUNE_GPU_MEMORY_GIB", "").strip()
+    if not value:
+        return None
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = -1.0
+    if not gib > 0:
+        raise ValueError(f"PERSONATUNE_GPU_MEMORY_GIB={value!r}: expected a positive number of GiB (e.g. 8)")
+    return gib
+
+
+def memory_fraction(cap_gib: float | None, total_bytes: int) -> float | None:
+    """Share of a card of `total_bytes` that a cap of `cap_gib` allows (None: no cap, or a cap above the card)."""
+    if not cap_gib or cap_gib * GIB >= total_bytes:
+        return None
+    return cap_gib * GIB / total_bytes
+
+
+def budget_gib(card_gib: float) -> float:
+    """Memory the plan may fill on a card of `card_gib`: HEADROOM of it, less the allocator's measured margin."""
+    return max(0.0, card_gib * HEADROOM - ALLOCATOR_MARGIN_GIB)
 
 
 def longest_step_tokens(lengths: list[int], examples: int) -> int:
@@ -157,7 +189,10 @@ def longest_step_tokens(lengths: list[int], examples: int) -> int:
 def plan_training(cfg, shape: ModelShape | None = None, lengths: list[int] | None = None,
                   memory_gib: float | None = None, cuda: bool | None = None) -> TrainPlan:
     """Choose micro-batch, accumulation, checkpointing and attention for `cfg.profile` on this card."""
-    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
     profile = getattr(cfg, "profile", "auto")
     layers = shape.layers if shape else 0
     if profile == "auto" and not cuda:
@@ -177,7 +212,7 @@ def plan_training(cfg, shape: ModelShape | None = None, lengths: list[int] | Non
     effective = cfg.micro_batch_size * cfg.grad_accum
     compiled = bool(getattr(cfg, "compile", True))
     card = memory_gib if memory_gib is not None else (card_memory_gib() or 0.0)
-    budget = card * HEADROOM
+    budget = budget_gib(card)
     # Splits of the optimizer step into micro-batches, biggest first (fewest passes over the frozen weights).
     splits = [m for m in range(effective, 0, -1) if effective % m == 0]
     if profile == "low-memory":
@@ -220,154 +255,47 @@ def apply_plan_to_config(cfg, plan: TrainPlan):
                        gradient_checkpointing=plan.gradient_checkpointing)
 
 
-# --- runtime changes to the loaded model ----------------------------------------------------------------------
-def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                             cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
-                             position_ids=None, **kwargs):
-    """Causal flash attention per packed example (cu_seqlens), so no compute crosses example boundaries.
-
-    query/key/value: [1, heads, tokens, head_dim] of one packed row; returns [1, tokens, heads, head_dim].
-    Falls back to SDPA when there is no packing information or no CUDA (the CPU tests).
-    """
-    if cu_seq_lens_q is None and position_ids is not None and query.shape[0] == 1:
-        starts = (position_ids[0] == 0).nonzero().flatten()
-        cu_seq_lens_q = torch.cat([starts, starts.new_tensor([position_ids.shape[-1]])]).to(torch.int32)
-        max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
-    if cu_seq_lens_q is None or not query.is_cuda or query.shape[0] != 1 or attention_mask is not None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        if attention_mask is None and cu_seq_lens_q is not None and query.shape[0] == 1:
-            # CPU / fallback: the same per-example causal attention as an explicit block-diagonal mask
-            length = query.shape[2]
-            bounds = cu_seq_lens_q.to(query.device)[1:-1]
-            seg = torch.bucketize(torch.arange(length, device=query.device), bounds, right=True)
-            idx = torch.arange(length, device=query.device)
-            attention_mask = ((seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None]))[None, None]
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else (
-        torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16)
-    q = query[0].transpose(0, 1).to(dtype).contiguous()   # [tokens, heads, dim]
-    k = key[0].transpose(0, 1).to(dtype).contiguous()
-    v = value[0].transpose(0, 1).to(dtype).contiguous()
-    cu_q = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
-    cu_k = cu_q if cu_seq_lens_k is None else cu_seq_lens_k.to(device=q.device, dtype=torch.int32)
-    max_q = int(max_length_q)
-    max_k = int(max_length_k) if max_length_k is not None else max_q
-    out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout if module.training else 0.0,
-                                                  True, False, scale=scaling)[0]
-    return out.unsqueeze(0), None
+# --- out-of-memory back-off ------------------------------------------------------------------------------------
+class DoesNotFit(RuntimeError):
+    """Every layout the back-off tries ran out of memory."""
 
 
-def register_varlen_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
-
-
-class _LeanHead(torch.nn.Module):
-    """Frozen lm_head in the compute dtype. While training it passes hidden states through and the loss applies
-    the head in chunks (`chunked_causal_lm_loss`), so the full [tokens, vocab] logits never exist at once."""
-
-    def __init__(self, weight: torch.Tensor, device):
-        super().__init__()
-        self.weight = torch.nn.Parameter(weight.to(device), requires_grad=False)
-        self.defer = True
-
-    def forward(self, hidden):
-        if self.defer and self.training:
-            return hidden
-        return torch.nn.functional.linear(hidden, self.weight)
+def split_at_most(effective: int, cap: int) -> int:
+    """The largest micro-batch <= cap that divides the optimizer step exactly."""
+    return max(m for m in range(1, min(cap, effective) + 1) if effective % m == 0)
 
 
-def _chunk_ce(hidden, weight, labels):
-    return torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(), labels,
-                                             ignore_index=-100, reduction="sum")
+def next_layout_after_oom(failed: TrainPlan) -> TrainPlan | None:
+    """The layout to retry with after `failed` ran out of memory, or None when nothing smaller is left.
+
+    Same examples per optimizer step every time (what is learned does not change). Cheapest memory first: drop the
+    cached dequantized weights (4x the 4-bit weights' memory), then checkpoint every layer (recompute, same
+    micro-batch), and only then halve the micro-batch of the attempt that failed, with more accumulation."""
+    effective = failed.micro_batch_size * failed.grad_accum
+    if failed.dequantized_base and failed.profile not in ("cpu", "manual"):
+        return dataclasses.replace(failed, dequantized_base=False, estimated_peak_gib=None,
+                                   reason=failed.reason + "; out of memory: frozen weights kept in 4 bits")
+    if failed.checkpoint_layers < failed.total_layers and failed.profile not in ("cpu", "manual"):
+        return dataclasses.replace(failed, checkpoint_layers=failed.total_layers, estimated_peak_gib=None,
+                                   reason=failed.reason + "; out of memory: every layer checkpointed")
+    if failed.micro_batch_size <= 1:
+        return None
+    micro = split_at_most(effective, failed.micro_batch_size // 2)
+    return dataclasses.replace(failed, micro_batch_size=micro, grad_accum=effective // micro, estimated_peak_gib=None,
+                               reason=failed.reason + f"; out of memory: micro-batch {micro}")
 
 
-def chunked_causal_lm_loss(hidden, labels, weight, num_items_in_batch=None, chunk: int = LOSS_CHUNK_TOKENS):
-    """Same value as transformers' ForCausalLMLoss (logits in fp32, labels shifted, -100 ignored), computed in
-    token chunks that are recomputed in backward: peak memory of one chunk's logits instead of all of them."""
-    from torch.utils.checkpoint import checkpoint
-
-    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1).to(hidden.device)
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    total = flat.new_zeros((), dtype=torch.float32)
-    for s in range(0, flat.shape[0], chunk):
-        total = total + checkpoint(_chunk_ce, flat[s:s + chunk], weight, shift[s:s + chunk], use_reentrant=False)
-    if num_items_in_batch is None:
-        return total / (shift != -100).sum().clamp(min=1)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+def short_layout(plan: TrainPlan) -> str:
+    ckpt = f"checkpointing {plan.checkpoint_layers}/{plan.total_layers}" if plan.total_layers else (
+        "checkpointing on" if plan.checkpoint_layers else "checkpointing off")
+    return (f"{plan.micro_batch_size} x {plan.grad_accum}, {ckpt}"
+            + (", dequantized weights" if plan.dequantized_base and plan.profile not in ("cpu", "manual") else ""))
 
 
-def apply_plan(model, plan: TrainPlan, compute_dtype: torch.dtype) -> None:
-    """Change the loaded (peft) model in place to follow the plan; `manual` changes nothing."""
-    if plan.profile == "manual":
-        return
-    if plan.profile == "cpu":
-        if plan.dequantized_base:
-            from personatune.model import dequantize_frozen_base
-
-            dequantize_frozen_base(model)
-        return
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if plan.dequantized_base:
-        from personatune.model import dequantize_frozen_base
-
-        dequantize_frozen_base(model)
-    if plan.attention == "varlen":
-        register_varlen_attention()
-        for cfg in {id(c): c for c in (inner.config, getattr(inner.config, "text_config", None)) if c is not None}.values():
-            cfg._attn_implementation = VARLEN_ATTENTION
-    # Selective checkpointing: the last `checkpoint_layers` decoder layers recompute, the others keep activations.
-    layers = [m for m in decoder_layers(inner) if hasattr(m, "gradient_checkpointing")]
-    if plan.checkpoint_layers and layers:
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        keep = len(layers) - plan.checkpoint_layers
-        for i, layer in enumerate(layers):
-            layer.gradient_checkpointing = i >= keep
-    if plan.lean_head:
-        head = inner.get_output_embeddings()
-        if isinstance(head, torch.nn.Linear) and head.bias is None:
-            device = head.weight.device
-            weight = head.weight.detach().cpu()          # off the card first: no fp32 + half copy at once
-            inner.set_output_embeddings(torch.nn.Identity())
-            del head
-            lean = _LeanHead(weight.to(compute_dtype), device)
-            inner.set_output_embeddings(lean)
-            chunk = plan.loss_chunk_tokens
-            embed = inner.get_input_embeddings()
-            half = compute_dtype in (torch.bfloat16, torch.float16)
-            if half and isinstance(embed, torch.nn.Embedding) and embed.weight.dtype == torch.float32 and not embed.weight.requires_grad:
-                w32 = embed.weight.detach().cpu()
-                if torch.equal(w32.to(compute_dtype).float(), w32):  # loaded in the compute dtype: lossless
-                    embed.weight.data = torch.empty(0)
-                    embed.weight.data = w32.to(compute_dtype).to(device)
-                    embed.register_forward_hook(lambda module, inputs, output: output.float())  # fp32 stream as before
-
-            def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None, **kwargs):
-                if lean.defer and lean.training:  # `logits` are the final hidden states: apply the head in chunks
-                    return chunked_causal_lm_loss(logits, labels, lean.weight, num_items_in_batch, chunk=chunk)
-                from transformers.loss.loss_utils import ForCausalLMLoss
-
-                return ForCausalLMLoss(logits, labels, vocab_size or logits.shape[-1], num_items_in_batch, **kwargs)
-
-            inner.loss_function = loss_function
-    if plan.compile:
-        compile_layers(inner)
+def does_not_fit(tried: list[TrainPlan], card_gib: float | None, error: str) -> DoesNotFit:
+    card = f"this {card_gib:.1f} GiB card" if card_gib else "this device"
+    return DoesNotFit(f"training does not fit in the memory of {card}: out of memory with every layout tried ("
+                      + "; ".join(short_layout(p) for p in tried) + f"). Last error: {error.splitlines()[0][:300]}. "
+                      "Try `--profile low-memory`, a smaller `--max-seq-len`, or a larger card.")
 
 
-def decoder_layers(model) -> list:
-    return [m for m in model.modules() if m.__class__.__name__.endswith("DecoderLayer")]
-
-
-def compile_layers(model, **kwargs) -> int:
-    """Regional compilation: torch.compile each decoder layer in place (the module tree and state dict keys stay
-    as they are, so adapters save as before). The layers share one compiled graph; packed rows of a new length
-    recompile once, after which lengths are dynamic. bitsandbytes' 4-bit ops are torch custom ops, so the 4-bit
-    path traces without graph breaks (measured: no breaks on Llama, BENCHMARKS.md)."""
-    layers = decoder_layers(model)
-    for layer in layers:
-        layer.compile(**kwargs)
-    return len(layers)

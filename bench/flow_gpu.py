@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""The whole flow on one GPU, per stage, uncapped and on emulated smaller cards (issue 18: "every card from 6 GiB
+up finishes the flow", "a fast whole flow").
+
+    python bench/bench.py prepare                  # here, once: bench/.assets (tokenizer + metadata)
+    ../shared/tools/device-wheels.sh --flow        # here, once: .whl/ (Prefect, pandera, bitsandbytes, datasets)
+    # on the GPU machine (device tool; carry [".whl", "bench/.assets"]):
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site:$PWD && python3 bench/flow_gpu.py --caps none,24,16,12,8,6
+
+For each cap it runs `python -m flows.finetune` (the command a user types) in a fresh output folder and Prefect
+home, pinned to GPU 0, one epoch of data/quotes.csv, with the Llama-2-7B-shaped random-weight model of
+bench/bench.py as `--base-model`. A cap of N GiB sets PERSONATUNE_GPU_MEMORY_GIB=N: the plan is sized for an N GiB
+card and every process that loads a model onto the card is held to N GiB (personatune.speedups.enforce_memory_cap),
+so allocations past it raise a real CUDA out-of-memory error. Per stage: the time from the previous task run's
+end to this one's (the flow's tasks run one after another), read from the Prefect log's timestamps; start-up is
+process start to the flow run's first line. Prints a table; the raw record (commands, every stage, layouts, the
+out-of-memory retries, the last lines of a failed run) goes to bench/results/ and to $OUT when set.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+LOG_LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d\d\d) \| \w+\s*\| (.*)$")
+TASK_DONE = re.compile(r"Task run '([^']+)' - Finished in state (\w+)")
+STAGES = ("validate", "tokenize", "build_model", "train", "score", "evaluate")
+
+
+def stage_of(task: str) -> str:
+    for stage in STAGES:
+        if task == stage or task.startswith(stage + "-"):
+            return stage
+    return "publish"  # resolve/judge/publish/push/release: bookkeeping around the stages
+
+
+def stage_times(lines: list[str], started: float) -> dict:
+    """Seconds per stage from the Prefect log: each task run's end minus the previous one's (the flow's tasks run
+    one after another). `started` is the process start (epoch seconds); log times are local wall-clock times."""
+    day = dt.datetime.fromtimestamp(started).date()
+    stamps = []
+    for line in lines:
+        m = LOG_LINE.match(line)
+        if m:
+            t = dt.datetime.combine(day, dt.time.fromisoformat(m.group(1))).timestamp()
+            stamps.append((t if t >= started - 60 else t + 86400, m.group(2)))
+    if not stamps:
+        return {}
+    out: dict = {"start-up": stamps[0][0] - started}
+    prev = stamps[0][0]
+    for t, text in stamps:
+        m = TASK_DONE.search(text)
+        if m:
+            stage = stage_of(m.group(1))
+            out[stage] = out.get(stage, 0.0) + (t - prev)
+            prev = t
+    out["publish"] = out.get("publish", 0.0) + (stamps[-1][0] - prev)  # after the last task: summary, flow end
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def run_flow(model_dir: Path, work: Path, cap: float | None, epochs: float, timeout: int) -> dict:
+    name = f"cap{cap:g}" if cap else "uncapped"
+    out_dir, home = work / name / "outputs", work / name / "prefect"
+    cmd = [sys.executable, "-m", "flows.finetune", "--base-model", str(model_dir), "--no-persona-similarity",
+           "--epochs", str(epochs), "--output-dir", str(out_dir), "--num-gpus", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "CUDA_VISIBLE_DEVICES": "0", "PREFECT_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
+           "PREFECT_API_URL": "", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PERSONATUNE_GPU_MEMORY_GIB", None)
+    if cap:
+        env["PERSONATUNE_GPU_MEMORY_GIB"] = f"{cap:g}"
+    started = time.time()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, text = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, text = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+    wall = time.time() - started
+    lines = text.splitlines()
+    return {"name": name, "cap_gib": cap, "command": " ".join(cmd), "env": {k: env[k] for k in (
+                "CUDA_VISIBLE_DEVICES", "PERSONATUNE_GPU_MEMORY_GIB") if k in env},
+            "returncode": rc, "ok": rc == 0, "process_s": round(wall, 2), "stages_s": stage_times(lines, started),
+            "layouts": [l.split("Training layout: ", 1)[1] for l in lines if "Training layout: " in l],
+            "oom_retries": [l for l in lines if "CUDA out of memory with" in l],
+            "tail": lines[-40:] if rc != 0 else [l for l in lines if "Verdict:" in l or "Golden loss" in l]}
+
+
+def table(results: list[dict]) -> str:
+    cols = ("start-up", "validate", "tokenize", "build_model", "train", "score", "evaluate", "publish")
+    rows = ["| card | result | process s | " + " | ".join(cols) + " | OOM retries | layout (last) |",
+            "|---|---|---:|" + "---:|" * len(cols) + "---:|---|"]
+    for r in results:
+        s = r["stages_s"]
+        rows.append(f"| {r['name']} | {'ok' if r['ok'] else 'FAILED (' + str(r['returncode']) + ')'} | {r['process_s']:.0f} | "
+                    + " | ".join(f"{s[c]:.1f}" if c in s else "-" for c in cols)
+                    + f" | {len(r['oom_retries'])} | {(r['layouts'] or ['-'])[-1][:90]} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--caps", default="none,24,16,12,8,6", help="GiB per run, comma-separated; 'none' = uncapped")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--runs", type=int, default=1, help="repeat the whole list (e.g. 2 for item 5's two runs)")
+    ap.add_argument("--dir", default="/tmp/personatune-flow-gpu")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per flow run")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=os.environ.get("OUT", ""), help="also write the raw JSON here (default $OUT)")
+    args = ap.parse_args()
+
+    import torch
+
+    import bench  # bench/bench.py: the 7B-shaped model builder
+
+    work = Path(args.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = work / "llama2-7b-shaped"
+    built = bench.build_shaped_model(model_dir)
+    caps = [None if c.strip() in ("none", "0", "") else float(c) for c in args.caps.split(",")]
+    record = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": dt.date.today().isoformat(),
+              "model": "Llama-2-7B-shaped, random weights (bench/bench.py build_shaped_model)", "built": built,
+              "epochs": args.epochs, "runs": []}
+    del torch
+    for run in range(args.runs):
+        for cap in caps:
+            import shutil
+
+            shutil.rmtree(work / (f"cap{cap:g}" if cap else "uncapped"), ignore_errors=True)  # no cache between runs
+            r = run_flow(model_dir, work, cap, args.epochs, args.timeout)
+            r["run"] = run + 1
+            record["runs"].append(r)
+            print(f"{r['name']} (run {run + 1}): {'ok' if r['ok'] else 'FAILED'} in {r['process_s']:.0f} s, "
+                  f"stages {r['stages_s']}, OOM retries {len(r['oom_retries'])}", flush=True)
+            if not r["ok"]:
+                print("\n".join(r["tail"][-15:]), flush=True)
+    text = (f"### Whole flow on one {record['card']}, {record['date']} (`bench/flow_gpu.py`)\n\n"
+            + table(record["runs"]))
+    record["table"] = text
+    print("\n" + text)
+    name = f"flow_gpu_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    for folder in filter(None, (args.results, args.out)):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / name).write_text(json.dumps(record, indent=2))
+        print(f"raw results: {Path(folder) / name}")
+
+
+if __name__ == "__main__":
+    main()
