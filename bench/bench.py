@@ -269,7 +269,7 @@ def variant(args, train=None, plan_over: dict | None = None, arguments: dict | N
     steps = args.warmup + args.steps
     model_dir = str(work / "llama2-7b-shaped")
     cfg = FinetuneConfig(**{**cfg_over, "max_steps": steps, "seed": 42, "output_dir": str(work / "out")})
-    plan = plan_for_run(cfg, model_dir, work / "tokenized")
+    plan = plan_for_run(cfg, model_dir, work / "tokenized", min_compile_steps=0)  # the steady-state step
     over = {**(variant_plan or {}), **(plan_over or {}), **({"logging_steps": logging_steps} if logging_steps else {})}
     if over:
         plan = dataclasses.replace(plan, **over, reason=plan.reason + "; bench override " + json.dumps(over))

@@ -63,7 +63,7 @@ def variant(args) -> None:
     steps = args.warmup + args.steps
     data, lengths = batches(work, steps + (3 if name == "loop" else 0))
     cfg = FinetuneConfig(profile="gpu", seed=42)
-    plan = plan_training(cfg, ModelShape.from_pretrained(model_dir), lengths)
+    plan = plan_training(cfg, ModelShape.from_pretrained(model_dir), lengths, min_compile_steps=0)
     cfg = apply_plan_to_config(cfg, plan)
     model = load_qlora_model(model_dir, cfg, adapter_dir=str(work / "init" / "adapter"), trainable=True)
     apply_plan(model, plan, torch.bfloat16)

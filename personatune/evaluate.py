@@ -24,6 +24,9 @@ from personatune.train import collator
 
 TRAIN_LOSS_ROWS = 64  # train loss is measured on the first 64 training rows (a fixed sample)
 GENERATION_BATCH = 32  # measured on the 2-core CPU: 32 prompts x 48 tokens took 10.6 s in one batch, 16.8 s in two
+# On a GPU a decoding step costs about the same for 32 or 128 prompts (it waits on launches, not arithmetic), so
+# whole evaluation sets go in one batch when the memory holds them (rows_that_fit).
+GPU_GENERATION_BATCH = 128
 LOSS_BATCH = 16
 # On a GPU the loss is taken over this many token positions at a time: their fp32 logits (and the softmax's copy)
 # exist at once, not those of the whole batch (16 rows x 140 tokens x a 49k vocabulary is 0.9 GiB per fp32 copy).
@@ -114,7 +117,7 @@ def mean_loss(model, dataset, tok, batch_size: int = LOSS_BATCH) -> float:
 
 @torch.no_grad()
 def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decoding = Decoding(), stop_markers: bool = True,
-                     seed: int = 0, streamer=None, batch_size: int = GENERATION_BATCH) -> list[dict]:
+                     seed: int = 0, streamer=None, batch_size: int | None = None) -> list[dict]:
     """Replies to (instruction, user) prompts, batched with left padding, decoded with `decoding` (its token limit,
     sampling and repetition controls). A sampling decoding reseeds before each batch (`seed` + the batch's first
     index), so the replies to a fixed prompt list do not depend on what ran before.
@@ -132,6 +135,7 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
     tok.padding_side = "left"  # generation appends on the right, so prompts are padded on the left
     # On a GPU: as many prompts at once as the free memory holds (prompt + reply tokens); OOM retries smaller
     free = free_cuda_bytes(device)
+    batch_size = batch_size or (GENERATION_BATCH if free is None else GPU_GENERATION_BATCH)
     size = batch_size if free is None else rows_that_fit(
         batch_size, decoding.max_new_tokens + max((len(tok(format_prompt(i, u), split_special_tokens=True)["input_ids"])
                                                    for i, u in prompts), default=1),
@@ -252,19 +256,19 @@ INFERENCE_RESERVE_GIB = 4.0  # left free on a GPU after dequantizing: generation
 
 def fast_inference(model) -> bool:
     """Dequantize the frozen 4-bit base once (the NF4 values, same logits) when the memory allows: on a CPU always
-    (~3x faster generation), on a GPU when the dequantized weights plus INFERENCE_RESERVE_GIB fit the card
-    (`PERSONATUNE_GPU_MEMORY_GIB` sizes a smaller one). bitsandbytes otherwise dequantizes every weight again at
-    every generated token. Returns whether it dequantized."""
+    (~3x faster generation), on a GPU when the dequantized weights plus INFERENCE_RESERVE_GIB fit in what this
+    process may still allocate (`PERSONATUNE_GPU_MEMORY_GIB` respected). bitsandbytes otherwise dequantizes every
+    weight again at every generated token. Returns whether it dequantized."""
     import bitsandbytes as bnb
 
     from personatune.model import dequantize_frozen_base
-    from personatune.profiles import GIB, card_memory_gib
+    from personatune.plan import GIB
 
-    if torch.cuda.is_available():
-        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-        extra = sum(m.in_features * m.out_features * (torch.finfo(m.compute_dtype or torch.bfloat16).bits // 8)
-                    for m in layers) / GIB
-        if torch.cuda.memory_allocated() / GIB + extra + INFERENCE_RESERVE_GIB > (card_memory_gib() or 0):
+    free = free_cuda_bytes(next(model.parameters()).device)
+    if free is not None:
+        extra = sum(m.in_features * m.out_features * torch.finfo(m.compute_dtype or torch.bfloat16).bits // 8
+                    for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+        if extra + INFERENCE_RESERVE_GIB * GIB > free:
             return False
     dequantize_frozen_base(model)
     return True

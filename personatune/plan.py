@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,10 @@ DEQUANTIZED_HEADROOM = 0.85
 # logging every step cost 35% of the throughput (0.133 vs 0.085 s a step, H200, BENCHMARKS.md); every 10 steps is
 # a line a second. The loss of every step is still recorded without a sync (history.json).
 GPU_LOGGING_STEPS = 10
+# torch.compile of the decoder layers costs a fixed ~36 s on the 7B (H200: the flow's train stage took 51.9 s
+# compiled vs 15.5 and 17.1 s eager for 58 steps, bench/results/flow_h200/) and saves a few hundredths of a second
+# per 16-example step there, so a run shorter than this many optimizer steps trains eagerly.
+COMPILE_MIN_STEPS = 1000
 
 
 def estimate_peak_gib(shape: ModelShape, tokens: int, checkpoint_layers: int, lean_head: bool = True,
@@ -187,8 +192,13 @@ def longest_step_tokens(lengths: list[int], examples: int) -> int:
 
 
 def plan_training(cfg, shape: ModelShape | None = None, lengths: list[int] | None = None,
-                  memory_gib: float | None = None, cuda: bool | None = None) -> TrainPlan:
-    """Choose micro-batch, accumulation, checkpointing and attention for `cfg.profile` on this card."""
+                  memory_gib: float | None = None, cuda: bool | None = None,
+                  min_compile_steps: int = COMPILE_MIN_STEPS) -> TrainPlan:
+    """Choose micro-batch, accumulation, checkpointing and attention for `cfg.profile` on this card.
+
+    `cfg.compile` compiles the decoder layers only when the run has at least `min_compile_steps` optimizer steps
+    (counted from `lengths`, the training examples, and the config's epochs or max_steps): a shorter run would
+    spend longer compiling than compiling saves. A benchmark of the steady-state step passes 0."""
     if cuda is None:
         import torch
 
@@ -210,7 +220,9 @@ def plan_training(cfg, shape: ModelShape | None = None, lengths: list[int] | Non
     if shape is None or not lengths:
         raise ValueError("a GPU profile needs the model shape and the example lengths")
     effective = cfg.micro_batch_size * cfg.grad_accum
-    compiled = bool(getattr(cfg, "compile", True))
+    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(math.ceil(len(lengths) / effective) * cfg.epochs)
+    compiled = bool(getattr(cfg, "compile", True)) and steps >= min_compile_steps
+    eager = f", not compiled ({steps} steps repay no compile)" if getattr(cfg, "compile", True) and not compiled else ""
     card = memory_gib if memory_gib is not None else (card_memory_gib() or 0.0)
     budget = budget_gib(card)
     # Splits of the optimizer step into micro-batches, biggest first (fewest passes over the frozen weights).
@@ -225,7 +237,7 @@ def plan_training(cfg, shape: ModelShape | None = None, lengths: list[int] | Non
             if not budget or est <= budget or m == 1:
                 return TrainPlan("low-memory", m, effective // m, True, layers, layers, "varlen", True, round(est, 2),
                                  round(budget, 2) if budget else None,
-                                 "all layers checkpointed, lean embedding/head, largest micro-batch that fits", chunk,
+                                 "all layers checkpointed, lean embedding/head, largest micro-batch that fits" + eager, chunk,
                                  compile=compiled, logging_steps=GPU_LOGGING_STEPS)
     # gpu: fewest micro-batches first, then fewest checkpointed layers, that fit the budget; then, if the same layout
     # still fits with the frozen weights dequantized (a card with memory to spare), cache them so.
@@ -235,7 +247,7 @@ def plan_training(cfg, shape: ModelShape | None = None, lengths: list[int] | Non
             est = estimate_peak_gib(shape, tokens, ckpt, compiled=compiled)
             if est <= budget:
                 why = ("no checkpointing needed" if ckpt == 0 else f"checkpointing {ckpt} layers to fit") + (
-                    f", whole step in one micro-batch" if m == effective else f", step split in {effective // m}")
+                    f", whole step in one micro-batch" if m == effective else f", step split in {effective // m}") + eager
                 est_deq = estimate_peak_gib(shape, tokens, ckpt, compiled=compiled, dequantized=True)
                 dequantized = ckpt == 0 and est_deq <= card * DEQUANTIZED_HEADROOM
                 if dequantized:
@@ -245,7 +257,7 @@ def plan_training(cfg, shape: ModelShape | None = None, lengths: list[int] | Non
                                  logging_steps=GPU_LOGGING_STEPS)
     est = estimate_peak_gib(shape, longest_step_tokens(lengths, 1), layers, compiled=compiled)
     return TrainPlan("gpu", 1, effective, True, layers, layers, "varlen", True, round(est, 2), round(budget, 2),
-                     "card too small for the estimate; smallest layout", compile=compiled,
+                     "card too small for the estimate; smallest layout" + eager, compile=compiled,
                      logging_steps=GPU_LOGGING_STEPS)
 
 

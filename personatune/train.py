@@ -178,14 +178,17 @@ def last_checkpoint(checkpoints: Path) -> str | None:
     return None
 
 
-def plan_for_run(cfg: FinetuneConfig, resolved: str, tokenized_dir: str | Path, cuda: bool | None = None):
-    """The run's layout (personatune.plan.plan_training) from the model's shape and the training examples' lengths."""
-    from personatune.plan import ModelShape, plan_training
+def plan_for_run(cfg: FinetuneConfig, resolved: str, tokenized_dir: str | Path, cuda: bool | None = None,
+                 min_compile_steps: int | None = None):
+    """The run's layout (personatune.plan.plan_training) from the model's shape and the training examples' lengths.
+    `min_compile_steps`: see plan_training (None: its default)."""
+    from personatune.plan import COMPILE_MIN_STEPS, ModelShape, plan_training
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     lengths = [len(x) for x in load_tokenized(tokenized_dir)["train"]["input_ids"]]
     shape = ModelShape.from_pretrained(resolved, cfg.base_revision) if cuda else None
-    return plan_training(cfg, shape, lengths, cuda=cuda)
+    return plan_training(cfg, shape, lengths, cuda=cuda,
+                         min_compile_steps=COMPILE_MIN_STEPS if min_compile_steps is None else min_compile_steps)
 
 
 def train_adapter(cfg: FinetuneConfig, plan, resolved: str, init_adapter: str | Path, tokenized_dir: str | Path,

@@ -7,13 +7,34 @@ import torch
 
 from personatune.config import ConfigError, FinetuneConfig
 from personatune.model import load_qlora_model
-from personatune.plan import ModelShape, TrainPlan, estimate_peak_gib, plan_training
+import functools
+
+from personatune import plan as plan_module
+from personatune.plan import COMPILE_MIN_STEPS, ModelShape, TrainPlan, estimate_peak_gib
 from personatune.speedups import apply_plan, chunked_causal_lm_loss
 from personatune.tokenization import IGNORE_INDEX, encode_example
 from personatune.train import collator, training_arguments
 
 LLAMA_7B = ModelShape(hidden=4096, layers=32, intermediate=11008, vocab=49152)
 LENGTHS = [40 + (i * 7) % 41 for i in range(300)]  # 40..80 tokens, like data/quotes.csv
+# The layout tests plan a run long enough to repay compiling (COMPILE_MIN_STEPS); test_short_runs_are_not_compiled
+# checks that rule itself.
+plan_training = functools.partial(plan_module.plan_training, min_compile_steps=0)
+
+
+def test_short_runs_are_not_compiled():
+    """Compiling costs ~36 s on the 7B (bench/results/flow_h200/): one epoch of 300 rows (19 steps) trains eagerly
+    and says why; a run of COMPILE_MIN_STEPS steps compiles; compile=False never does."""
+    gpu = FinetuneConfig(profile="gpu")
+    short = plan_module.plan_training(gpu, LLAMA_7B, LENGTHS, memory_gib=80, cuda=True)
+    assert not short.compile and "not compiled (19 steps" in short.reason
+    long = plan_module.plan_training(gpu.replace(max_steps=COMPILE_MIN_STEPS), LLAMA_7B, LENGTHS, memory_gib=80, cuda=True)
+    assert long.compile and "not compiled" not in long.reason
+    epochs = plan_module.plan_training(gpu.replace(epochs=float(COMPILE_MIN_STEPS)), LLAMA_7B, LENGTHS, memory_gib=80,
+                                       cuda=True)
+    assert epochs.compile
+    assert not plan_module.plan_training(gpu.replace(compile=False, max_steps=COMPILE_MIN_STEPS), LLAMA_7B, LENGTHS,
+                                         memory_gib=80, cuda=True).compile
 
 
 def test_cpu_auto_keeps_the_config_layout_with_the_frozen_weights_dequantized():
