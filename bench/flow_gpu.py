@@ -72,6 +72,7 @@ def stage_times(lines: list[str], started: float) -> dict:
 def run_flow(model_dir: Path, work: Path, cap: float | None, epochs: float, timeout: int) -> dict:
     name = f"cap{cap:g}" if cap else "uncapped"
     out_dir, home = work / name / "outputs", work / name / "prefect"
+    home.mkdir(parents=True, exist_ok=True)  # Prefect does not create its home (its SQLite file would fail to open)
     cmd = [sys.executable, "-m", "flows.finetune", "--base-model", str(model_dir), "--no-persona-similarity",
            "--epochs", str(epochs), "--output-dir", str(out_dir), "--num-gpus", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -132,6 +133,7 @@ def main() -> None:
               "model": "Llama-2-7B-shaped, random weights (bench/bench.py build_shaped_model)", "built": built,
               "epochs": args.epochs, "runs": []}
     del torch
+    name = f"flow_gpu_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     for run in range(args.runs):
         for cap in caps:
             import shutil
@@ -144,15 +146,21 @@ def main() -> None:
                   f"stages {r['stages_s']}, OOM retries {len(r['oom_retries'])}", flush=True)
             if not r["ok"]:
                 print("\n".join(r["tail"][-15:]), flush=True)
-    text = (f"### Whole flow on one {record['card']}, {record['date']} (`bench/flow_gpu.py`)\n\n"
+            save(record, args, name)
+    record["table"] = text = (f"### Whole flow on one {record['card']}, {record['date']} (`bench/flow_gpu.py`)\n\n"
             + table(record["runs"]))
-    record["table"] = text
     print("\n" + text)
-    name = f"flow_gpu_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    for path in save(record, args, name):
+        print(f"raw results: {path}")
+
+
+def save(record: dict, args, name: str) -> list[Path]:
+    paths = []
     for folder in filter(None, (args.results, args.out)):
         Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / name).write_text(json.dumps(record, indent=2))
-        print(f"raw results: {Path(folder) / name}")
+        paths.append(Path(folder) / name)
+        paths[-1].write_text(json.dumps(record, indent=2))
+    return paths
 
 
 if __name__ == "__main__":

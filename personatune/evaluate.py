@@ -20,7 +20,7 @@ from personatune.decoding import Decoding, generation_config
 from personatune.metrics import loops, paired_similarity, reply_stats
 from personatune.prompt import STOP_STRINGS, cut_reply, format_prompt
 from personatune.tokenization import IGNORE_INDEX, load_tokenized, load_tokenizer
-from personatune.train import collator
+from personatune.train import collator, free_accelerator_memory
 
 TRAIN_LOSS_ROWS = 64  # train loss is measured on the first 64 training rows (a fixed sample)
 GENERATION_BATCH = 32  # measured on the 2-core CPU: 32 prompts x 48 tokens took 10.6 s in one batch, 16.8 s in two
@@ -49,8 +49,6 @@ def in_batches(total: int, size: int, run) -> list:
     """`run(start, end)` over rows [0, total) in batches of `size`, results in order. A CUDA out-of-memory error
     retries that batch with half its rows (and keeps the smaller size for the rest), down to one row, then
     re-raises: the evaluation finishes on the memory it has instead of failing after training."""
-    from personatune.train import free_accelerator_memory
-
     results, start = [], 0
     while start < total:
         end = min(start + size, total)
@@ -101,7 +99,8 @@ def mean_loss(model, dataset, tok, batch_size: int = LOSS_BATCH) -> float:
     device = next(model.parameters()).device
     free = free_cuda_bytes(device)
     size = batch_size if free is None else rows_that_fit(
-        batch_size, max((len(x) for x in dataset["input_ids"]), default=1), model.config.get_text_config().vocab_size, free)
+        batch_size, max((len(dataset[i]["input_ids"]) for i in range(len(dataset))), default=1),
+        model.config.get_text_config().vocab_size, free)
     chunk = LOGIT_CHUNK_TOKENS if device.type == "cuda" else None
 
     def run(start: int, end: int) -> tuple[float, int]:
@@ -239,6 +238,7 @@ def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | 
     out_dir = Path(out_dir)
     if is_complete(out_dir):
         return out_dir
+    free_accelerator_memory()  # what an earlier stage of this process left (the trainer's reference cycles)
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(resolved, cfg.base_revision)
     model = (load_qlora_model(resolved, cfg, adapter_dir=str(adapter_dir), trainable=False) if adapter_dir
@@ -291,6 +291,7 @@ def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path
     out_dir = Path(out_dir)
     if is_complete(out_dir):
         return out_dir
+    free_accelerator_memory()  # what an earlier stage of this process left
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(resolved, cfg.base_revision)
     data = load_tokenized(tokenized_dir)
