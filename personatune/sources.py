@@ -77,11 +77,13 @@ def _describe(url: str, token: str | None) -> Remote:
 
 
 def _hf(token: str | None):
-    from huggingface_hub import HfApi, HfFileSystem
+    import os
 
-    from personatune.hub import hub_endpoint
+    from huggingface_hub import HfApi, HfFileSystem, constants
 
-    endpoint = hub_endpoint()
+    # HF_ENDPOINT as it is now (huggingface_hub reads it once at import). Not personatune.hub's helper: config
+    # imports this module, and the stage cache keys hash what config imports (tests/test_caching.py)
+    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     # skip_instance_cache: fsspec caches instances and their listings; the watcher must see the repo as it is now
     fs = HfFileSystem(endpoint=endpoint, token=token, skip_instance_cache=True)
     return fs, HfApi(endpoint=endpoint, token=token, library_name="personatune")

@@ -1,6 +1,9 @@
 """A small in-memory server that speaks the Hugging Face Hub's HTTP protocol, as `huggingface_hub` uses it.
 
-Enough for the real client to push and pull a model repo with regular (non-LFS) files, on any branch:
+Enough for the real client to push and pull a model or dataset repo with regular (non-LFS) files, on any branch,
+and for `HfFileSystem` to read `hf://datasets/<owner>/<name>[@<rev>]/<file>` (repo info, tree, resolve). Each
+`/api/models/...` route below also answers `/api/datasets/...` for dataset repos (created with
+`repo_type="dataset"`), and `/datasets/{repo}/resolve/...` serves their files:
 
     GET  /api/whoami-v2                                   who the token belongs to
     POST /api/repos/create                                create a repo (409 if it exists)
@@ -13,7 +16,8 @@ Enough for the real client to push and pull a model repo with regular (non-LFS) 
     POST /api/models/{repo}/tag/{rev}                     tag a revision; JSON {"tag": name, "message": ...}
     GET  /api/models/{repo}/refs                          branches and tags with their commits
     GET  /api/models/{repo}[/revision/{rev}]              model info (sha, private, siblings)
-    GET  /api/models/{repo}/tree/{rev}[/{path}]           file listing
+    GET  /api/models/{repo}/tree/{rev}[/{path}]           listing: files and folders under path (recursive=true:
+                                                          every file below it)
     POST /api/models/{repo}/paths-info/{rev}              form `paths`: oid and size of those files
     HEAD|GET /{repo}/resolve/{rev}/{path}                 file metadata (X-Repo-Commit, ETag) and content
 

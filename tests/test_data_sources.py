@@ -28,7 +28,7 @@ DATASET = "you/wednesday-quotes"
 EVENT = "quotes.csv.changed"
 # Two optimizer steps of plain LoRA on 60 rows: the run is about where the data comes from, not about quality.
 TINY = dict(max_steps=2, micro_batch_size=2, grad_accum=1, num_samples=1, max_new_tokens=8, load_in_4bit=False,
-            eval_fraction=0.1, force_promote=True, probes_csv="")
+            eval_fraction=0.1, force_promote=True, probes_csv="", persona_similarity=False)
 HEADER = ["instruction", "user", "response"]
 ROWS = list(csv.reader(QUOTES.read_text(encoding="utf-8").splitlines()))[1:61]
 
@@ -238,6 +238,7 @@ def test_s3_errors_name_the_url_and_what_failed(s3, tmp_path, monkeypatch):
         with pytest.raises(DataSourceError, match=f"^{url}: not found"):
             fetch(url, tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries of a refused connection: 9 s more
     with pytest.raises(DataSourceError, match="^s3://versioned/x.csv: no network") as info:
         fetch("s3://versioned/x.csv", tmp_path)
     assert "testing" not in "".join(traceback.format_exception(info.value))  # no credentials in the chain either
