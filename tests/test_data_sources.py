@@ -203,6 +203,12 @@ def test_hub_errors_name_the_url_and_what_failed_without_the_token(online, tmp_p
     assert info.value.reason == "no network" and TOKEN not in "".join(traceback.format_exception(info.value))
     assert not list(tmp_path.iterdir()), "a failed download leaves nothing in the cache"
 
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at import
+    with pytest.raises(DataSourceError, match=f"^hf://datasets/{repo}/quotes.csv: no network: HF_HUB_OFFLINE=1"):
+        fetch(f"hf://datasets/{repo}/quotes.csv", tmp_path, TOKEN)
+
 
 # --- S3: read, cache, versions, errors --------------------------------------------------------------------------
 def test_s3_csv_is_downloaded_once_and_a_version_is_pinned(s3, tmp_path):
