@@ -27,8 +27,8 @@ from prefect.logging import get_run_logger  # noqa: E402
 
 from personatune.bundle import default_run_name
 from personatune.config import FinetuneConfig, add_config_arguments, check_paths, config_from_args, from_mapping
-from personatune.files import code_version, sha256_file
-from tasks.data import tokenize_quotes, validate_quotes
+from personatune.files import code_version
+from tasks.data import fetch_data, tokenize_quotes, validate_quotes
 from tasks.evaluate import adapter_sha256, evaluate_lora, score_model
 from tasks.model import build_qlora_model, resolve_base
 from tasks.publish import publish_bundle, push_to_hub
@@ -45,26 +45,30 @@ def finetune(**params) -> dict:
 
     base = resolve_base(cfg.base_model, cfg.base_revision)
     model = {"base_model": base["path"], "model_fingerprint": base["fingerprint"]}
-    csv_sha256 = file_sha256(cfg.quotes_csv)
+    data = fetch_data(config)  # hf:// and s3:// CSVs: downloaded once per content; local paths as they are
+    csv_sha256 = data["quotes_csv"]["sha256"]
+    # the evaluation stages read the local copies of golden_csv and probes_csv
+    eval_config = {**config, **{k: data[k]["path"] for k in ("golden_csv", "probes_csv")}}
     champion = find_champion(config, base["fingerprint"])  # the live adapter (outputs/latest or the Hub's main)
 
     # 1. data -> 2. tokens -> 3. QLoRA model -> 4. training -> 5. evaluation (base, champion, challenger) -> release
-    dataset_dir = validate_quotes(stages, config=config, quotes_csv=cfg.quotes_csv, csv_sha256=csv_sha256)
+    dataset_dir = validate_quotes(stages, config=config, quotes_csv=data["quotes_csv"]["path"], csv_sha256=csv_sha256)
     tokenized_dir = tokenize_quotes(stages, config=config, dataset_dir=dataset_dir, **model)
     model_dir = build_qlora_model(stages, config=config, **model)
     adapter_dir = train_lora(stages, config=config, init_adapter=model_dir, tokenized_dir=tokenized_dir, **model)
     # an unchanged re-run trains the champion's own adapter: nothing to compare (and everything stays cached)
     rival = None if not champion or same_adapter(champion["path"], adapter_dir) else champion["path"]
-    eval_sets = {"golden": file_sha256(cfg.golden_csv), "probes": file_sha256(cfg.probes_csv)}
-    scores = {role: score_model(stages if role == "challenger" else None, config=config, adapter_dir=path,
+    eval_sets = {"golden": data["golden_csv"]["sha256"], "probes": data["probes_csv"]["sha256"]}
+    scores = {role: score_model(stages if role == "challenger" else None, config=eval_config, adapter_dir=path,
                                 adapter_sha256=adapter_sha256(path), eval_sha256=eval_sets, **model)
               for role, path in (("base", None), ("champion", rival), ("challenger", adapter_dir))
               if role == "base" or path}
-    eval_dir = evaluate_lora(stages, config=config, adapter_dir=adapter_dir, tokenized_dir=tokenized_dir,
+    eval_dir = evaluate_lora(stages, config=eval_config, adapter_dir=adapter_dir, tokenized_dir=tokenized_dir,
                              scores=scores, champion_dir=rival, **model)
     release = judge_challenger(config, eval_dir, dataset_dir, champion, adapter_dir)
     provenance = {"data_sha256": csv_sha256, "base_model_fingerprint": base["fingerprint"],
                   "code_version": code_version(), "stages": stages, "eval_sets_sha256": eval_sets,
+                  "data_sources": {k: v["source"] for k, v in data.items() if v["source"]},
                   "stage_dirs": {"dataset": dataset_dir, "tokenized": tokenized_dir, "model": model_dir,
                                  "adapter": adapter_dir, "eval": eval_dir, "scores": scores}}
     run_dir = publish_bundle(config, cfg.run_name or default_run_name(csv_sha256), adapter_dir, eval_dir, provenance,
@@ -79,10 +83,6 @@ def finetune(**params) -> dict:
                "diff": release["diff"], **json.loads((Path(eval_dir) / "eval.json").read_text())}
     log.info("\n%s", format_summary(summary))
     return summary
-
-
-def file_sha256(path: str) -> str:
-    return sha256_file(path) if path and Path(path).is_file() else "missing"
 
 
 def format_summary(summary: dict) -> str:

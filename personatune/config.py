@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class FinetuneConfig:
     # --- data -------------------------------------------------------------------------------------
-    quotes_csv: str = field(default="data/quotes.csv", metadata={"help": "Curated CSV with columns instruction,user,response."})
+    quotes_csv: str = field(default="data/quotes.csv", metadata={"help": "Curated CSV with columns instruction,user,response: a local path, hf://datasets/<owner>/<name>[@<revision>]/<file>.csv or s3://<bucket>/<key>.csv[?versionId=<id>] (README, Data in a Hub dataset repo or a bucket)."})
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of rows held out for evaluation, chosen by a hash of each row (adding rows never reshuffles)."})
     max_seq_len: int = field(default=256, metadata={"help": "Token limit for one formatted example (prompt + response + EOS)."})
     on_long_row: str = field(default="reject", metadata={"help": "What to do with rows over max_seq_len: 'reject' (validation error) or 'truncate' (cut the response, logged)."})
@@ -137,10 +137,16 @@ class FinetuneConfig:
         return from_mapping({**self.to_dict(), **changes})
 
 
+DATA_FIELDS = ("quotes_csv", "golden_csv", "probes_csv")  # a local path or a URL (personatune.sources)
+
+
 def check_paths(cfg: FinetuneConfig) -> None:
-    """Input files must exist before any work starts (a UI form or event can name anything)."""
-    missing = [f"{name}={getattr(cfg, name)!r}" for name in ("quotes_csv", "golden_csv", "probes_csv")
-               if getattr(cfg, name) and not Path(getattr(cfg, name)).is_file()]
+    """Local input files must exist before any work starts (a UI form or event can name anything); URLs are
+    checked when they are fetched, with errors that say what failed."""
+    from personatune.sources import is_remote
+
+    missing = [f"{name}={getattr(cfg, name)!r}" for name in DATA_FIELDS
+               if getattr(cfg, name) and not is_remote(getattr(cfg, name)) and not Path(getattr(cfg, name)).is_file()]
     if missing:
         raise ConfigError("invalid configuration: file not found: " + ", ".join(missing))
 

@@ -201,10 +201,11 @@ def validate_frame(df: pd.DataFrame, file: str) -> pd.DataFrame:
     return df.assign(**{c: df[c].str.strip() for c in COLUMNS})
 
 
-def load_quotes(path: str | Path) -> pd.DataFrame:
-    """Read and validate the CSV; raise DataValidationError naming file, line and column."""
+def load_quotes(path: str | Path, name: str | None = None) -> pd.DataFrame:
+    """Read and validate the CSV; raise DataValidationError naming file (`name`: what the user gave, e.g. the
+    URL of a downloaded copy), line and column."""
     path = Path(path)
-    file = str(path)
+    file = name or str(path)
     if not path.is_file():
         raise DataValidationError([Problem(file, None, None, "file does not exist")])
     try:
@@ -221,18 +222,19 @@ def split_of(instruction: str, user: str, eval_fraction: float) -> str:
     return "eval" if bucket < eval_fraction else "train"
 
 
-def build_dataset(quotes_csv: str | Path, eval_fraction: float, dataset_dir: str | Path) -> Path:
-    """Validate `quotes_csv` and save a DatasetDict(train, eval) to `dataset_dir` (Arrow, memory-mapped)."""
+def build_dataset(quotes_csv: str | Path, eval_fraction: float, dataset_dir: str | Path, name: str | None = None) -> Path:
+    """Validate `quotes_csv` and save a DatasetDict(train, eval) to `dataset_dir` (Arrow, memory-mapped).
+    Problems name the file as `name` (default: the path)."""
     from datasets import Dataset, DatasetDict
     from datasets.table import InMemoryTable
 
     dataset_dir = Path(dataset_dir)
-    df = load_quotes(quotes_csv)
+    df = load_quotes(quotes_csv, name)
     split = [split_of(i, u, eval_fraction) for i, u in zip(df["instruction"], df["user"])]
     df = df.assign(split=split)
     if (df["split"] == "eval").sum() == 0 or (df["split"] == "train").sum() == 0:
         raise DataValidationError(
-            [Problem(str(quotes_csv), None, None, f"{len(df)} rows are too few to hold out {eval_fraction:.0%} for evaluation")]
+            [Problem(name or str(quotes_csv), None, None, f"{len(df)} rows are too few to hold out {eval_fraction:.0%} for evaluation")]
         )
     if is_complete(dataset_dir):
         return dataset_dir

@@ -135,9 +135,12 @@ def render_model_card(bundle: str | Path, repo_id: str, license: str | None = No
                        metric_value=round(el["tuned"], 6)),
         ],
         dataset_sha256=data_sha,
+        **({"datasets": datasets} if (datasets := data_repos(tc)) else {}),
         personatune={
             "run": run,
             "data_sha256": data_sha,
+            **({"data_source": tc["data_sources"]["quotes_csv"]["pinned"]}
+               if "quotes_csv" in tc.get("data_sources", {}) else {}),
             "base_model": cfg["base_model"],
             "base_revision": cfg.get("base_revision"),
             "eval_loss": {"base": el["base"], "tuned": el["tuned"]},
@@ -168,7 +171,7 @@ def render_model_card(bundle: str | Path, repo_id: str, license: str | None = No
 A persona LoRA adapter, fine-tuned {'with QLoRA ' if cfg.get('load_in_4bit') else ''}by personatune from a
 curated CSV of persona lines. Base model: {base_note}.
 
-Run `{run}`, data sha256 `{data_sha}`.
+Run `{run}`, data sha256 `{data_sha}`{data_line(tc)}.
 
 ## Use it
 
@@ -398,13 +401,27 @@ def _call(fn, what: str, repo_id: str, endpoint: str, token: str | None):
     raise error
 
 
+def data_repos(tc: dict) -> list[str]:
+    """The Hub dataset repos the run read (model card `datasets:` metadata links the adapter to them)."""
+    return sorted({s["dataset"] for s in tc.get("data_sources", {}).values() if s.get("dataset")})
+
+
+def data_line(tc: dict) -> str:
+    """', trained on <url> at revision <rev>' for a CSV read from a Hub dataset repo or a bucket, else ''."""
+    source = tc.get("data_sources", {}).get("quotes_csv")
+    if not source:
+        return ""
+    return f", trained on `{source['location']}` at revision `{source['revision'] or source['content_id']}`"
+
+
 def commit_message(bundle: str | Path) -> tuple[str, str]:
     bundle = Path(bundle)
     tc = json.loads((bundle / "training_config.json").read_text())
     ev = json.loads((bundle / "eval.json").read_text())
     el = ev["eval_loss"]
     title = f"personatune run {bundle.name}: data sha256 {tc['data_sha256'][:12]}"
-    description = (f"Run: {bundle.name}\nData sha256: {tc['data_sha256']}\n"
+    sources = "".join(f"Data source ({k}): {s['pinned']}\n" for k, s in sorted(tc.get("data_sources", {}).items()))
+    description = (f"Run: {bundle.name}\nData sha256: {tc['data_sha256']}\n{sources}"
                    f"Held-out loss: base {el['base']:.4f} -> tuned {el['tuned']:.4f}\n"
                    f"Code version: {tc.get('code_version', '?')}\n")
     return title, description

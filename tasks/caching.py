@@ -46,7 +46,9 @@ STAGE_MODULES = {
 }
 NOT_HASHED = ("out_dir", "config", "callbacks")  # callbacks observe or inject faults; they change no output
 # Inputs named by content elsewhere in the key (a score's adapter by its sha256), so where they lie does not matter.
-NOT_HASHED_PER_STAGE = {"score": ("adapter_dir",)}
+# The CSV is named by its sha256, so the same content from a local path, a Hub dataset repo or a bucket (downloaded
+# to a cache folder) validates once.
+NOT_HASHED_PER_STAGE = {"score": ("adapter_dir",), "validate": ("quotes_csv",)}
 
 
 def stage_key(stage: str, params: dict[str, Any]) -> str:

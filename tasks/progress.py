@@ -16,6 +16,7 @@ Artifact calls that fail (a server hiccup) are logged and never fail the trainin
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -111,11 +112,16 @@ def flow_run_label() -> str:
         from personatune.config import FinetuneConfig
 
         defaults = FinetuneConfig()
-        csv = Path(str(params.get("quotes_csv") or defaults.quotes_csv))
+        csv = str(params.get("quotes_csv") or defaults.quotes_csv)
         base = str(params.get("base_model") or defaults.base_model)
         from personatune.files import sha256_file
+        from personatune.sources import is_remote
 
-        data = sha256_file(csv)[:8] if csv.is_file() else "no-data"
+        if is_remote(csv):  # no download for a name: the revision a pinned URL names (@<sha>, ?versionId=)
+            pinned = re.search(r"@([0-9a-f]{8})|versionId=([^&]{8})", csv)
+            data = next(g for g in pinned.groups() if g) if pinned else csv.split("://", 1)[0]
+        else:
+            data = sha256_file(csv)[:8] if Path(csv).is_file() else "no-data"
         short = base.split(":", 1)[-1].rstrip("/").rsplit("/", 1)[-1] or base
         return f"{short}@{data}"
     except Exception as e:  # a name is cosmetic: never fail the run over it

@@ -1,6 +1,9 @@
 """A small in-memory server that speaks the Hugging Face Hub's HTTP protocol, as `huggingface_hub` uses it.
 
-Enough for the real client to push and pull a model repo with regular (non-LFS) files, on any branch:
+Enough for the real client to push and pull a model or dataset repo with regular (non-LFS) files, on any branch,
+and for `HfFileSystem` to read `hf://datasets/<owner>/<name>[@<rev>]/<file>` (repo info, tree, resolve). Each
+`/api/models/...` route below also answers `/api/datasets/...` for dataset repos (created with
+`repo_type="dataset"`), and `/datasets/{repo}/resolve/...` serves their files:
 
     GET  /api/whoami-v2                                   who the token belongs to
     POST /api/repos/create                                create a repo (409 if it exists)
@@ -13,7 +16,8 @@ Enough for the real client to push and pull a model repo with regular (non-LFS) 
     POST /api/models/{repo}/tag/{rev}                     tag a revision; JSON {"tag": name, "message": ...}
     GET  /api/models/{repo}/refs                          branches and tags with their commits
     GET  /api/models/{repo}[/revision/{rev}]              model info (sha, private, siblings)
-    GET  /api/models/{repo}/tree/{rev}[/{path}]           file listing
+    GET  /api/models/{repo}/tree/{rev}[/{path}]           listing: files and folders under path (recursive=true:
+                                                          every file below it)
     POST /api/models/{repo}/paths-info/{rev}              form `paths`: oid and size of those files
     HEAD|GET /{repo}/resolve/{rev}/{path}                 file metadata (X-Repo-Commit, ETag) and content
 
@@ -44,6 +48,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+KIND = r"(?P<kind>models|datasets)"
 REPO = r"(?P<repo>[^/]+/[^/]+)"
 REV = r"(?P<rev>[^/]+)"
 
@@ -121,22 +126,24 @@ class HubServer:
             ("GET", r"/api/whoami-v2", self.whoami),
             ("POST", r"/api/repos/create", self.create_repo),
             ("POST", r"/api/validate-yaml", self.validate_yaml),
-            ("POST", rf"/api/models/{REPO}/preupload/{REV}", self.preupload),
-            ("POST", rf"/api/models/{REPO}/commit/{REV}", self.commit),
-            ("POST", rf"/api/models/{REPO}/branch/(?P<branch>[^/]+)", self.create_branch),
-            ("POST", rf"/api/models/{REPO}/tag/{REV}", self.create_tag),
-            ("GET", rf"/api/models/{REPO}/refs", self.list_refs),
-            ("POST", rf"/api/models/{REPO}/paths-info/{REV}", self.paths_info),
-            ("GET", rf"/api/models/{REPO}/tree/{REV}(?:/(?P<path>.*))?", self.tree),
-            ("GET", rf"/api/models/{REPO}/revision/{REV}", self.model_info),
-            ("GET", rf"/api/models/{REPO}", self.model_info),
-            ("HEAD", rf"/{REPO}/resolve/{REV}/(?P<path>.+)", self.resolve),
-            ("GET", rf"/{REPO}/resolve/{REV}/(?P<path>.+)", self.resolve),
+            ("POST", rf"/api/{KIND}/{REPO}/preupload/{REV}", self.preupload),
+            ("POST", rf"/api/{KIND}/{REPO}/commit/{REV}", self.commit),
+            ("POST", rf"/api/{KIND}/{REPO}/branch/(?P<branch>[^/]+)", self.create_branch),
+            ("POST", rf"/api/{KIND}/{REPO}/tag/{REV}", self.create_tag),
+            ("GET", rf"/api/{KIND}/{REPO}/refs", self.list_refs),
+            ("POST", rf"/api/{KIND}/{REPO}/paths-info/{REV}", self.paths_info),
+            ("GET", rf"/api/{KIND}/{REPO}/tree/{REV}(?:/(?P<path>.*))?", self.tree),
+            ("GET", rf"/api/{KIND}/{REPO}/revision/{REV}", self.model_info),
+            ("GET", rf"/api/{KIND}/{REPO}", self.model_info),
+            ("HEAD", rf"/(?:(?P<kind>datasets)/)?{REPO}/resolve/{REV}/(?P<path>.+)", self.resolve),
+            ("GET", rf"/(?:(?P<kind>datasets)/)?{REPO}/resolve/{REV}/(?P<path>.+)", self.resolve),
         ]
         for m, pattern, fn in routes:
             match = re.fullmatch(pattern, path)
             if m == method and match:
                 args = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+                if args.pop("kind", "models") == "datasets":  # dataset repos live apart: "datasets/<owner>/<name>"
+                    args["repo"] = f"datasets/{args['repo']}"
                 with self._lock:
                     return fn(user=user, body=body, query=query, **args)
         return 404, {}, {"error": f"no route for {method} {path}"}
@@ -167,11 +174,12 @@ class HubServer:
         req = json.loads(body)
         namespace = req.get("organization") or user
         repo_id = f"{namespace}/{req['name']}"
+        key = f"datasets/{repo_id}" if req.get("type") == "dataset" else repo_id
         if user is None:
             return 401, {}, {"error": "Invalid credentials in Authorization header"}
         if namespace != user:
             return 403, {}, {"error": f"You don't have the rights to create a model under the namespace {namespace!r}"}
-        if repo_id in self.repos:
+        if key in self.repos:
             return 409, {}, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
         private = req.get("visibility", "public") == "private" or bool(req.get("private"))
         repo = Repo(repo_id, private=private, owner=user)
@@ -180,8 +188,8 @@ class HubServer:
                              files={".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
             repo.commits.append(initial)
             repo.refs["main"] = initial.oid
-        self.repos[repo_id] = repo
-        return 200, {}, {"url": f"{self.url}/{repo_id}", "name": repo_id, "id": repo_id}
+        self.repos[key] = repo
+        return 200, {}, {"url": f"{self.url}/{key}", "name": repo_id, "id": repo_id}
 
     def validate_yaml(self, body, **_):
         content = json.loads(body)["content"]
@@ -310,16 +318,33 @@ class HubServer:
         if error:
             return error
         r, commit = found
-        return 200, {}, {"id": repo, "modelId": repo, "sha": commit.oid, "private": r.private, "author": r.owner,
+        repo_id = repo.removeprefix("datasets/")
+        return 200, {}, {"id": repo_id, "modelId": repo_id, "sha": commit.oid, "private": r.private, "author": r.owner,
                          "siblings": [{"rfilename": p} for p in sorted(commit.files)]}
 
-    def tree(self, user, repo, rev, path="", **_):
+    def tree(self, user, repo, rev, query, path="", **_):
+        """The entries under `path`: with recursive=true every file below it, else its files and folders."""
         found, error = self._repo(repo, user, rev)
         if error:
             return error
         _, commit = found
-        return 200, {}, [{"type": "file", "path": p, "size": len(d), "oid": git_blob_sha(d)}
-                         for p, d in sorted(commit.files.items()) if p.startswith(path)]
+        prefix = path.strip("/") + "/" if path.strip("/") else ""
+        if prefix and prefix[:-1] in commit.files:  # a file, not a folder: the Hub answers 404 too
+            return 404, {"X-Error-Code": "EntryNotFound"}, {"error": f"{path} is not a folder"}
+        recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
+        files, folders = [], set()
+        for p, d in sorted(commit.files.items()):
+            if not p.startswith(prefix):
+                continue
+            rest = p[len(prefix):]
+            if "/" in rest and not recursive:
+                folders.add(prefix + rest.split("/")[0])
+                continue
+            files.append({"type": "file", "path": p, "size": len(d), "oid": git_blob_sha(d)})
+        if prefix and not files and not folders:
+            return 404, {"X-Error-Code": "EntryNotFound"}, {"error": f"{path} does not exist"}
+        dirs = [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()} for f in sorted(folders)]
+        return 200, {}, dirs + files
 
     def resolve(self, user, repo, rev, path, **_):
         found, error = self._repo(repo, user, rev)
