@@ -57,9 +57,14 @@ def stage_times(lines: list[str], started: float) -> dict:
             stamps.append((t if t >= started - 60 else t + 86400, m.group(2)))
     if not stamps:
         return {}
-    out: dict = {"start-up": stamps[0][0] - started}
-    prev = stamps[0][0]
+    # start-up ends where the flow run begins: imports, then the temporary Prefect API server (its own log line
+    # comes before the flow's first; counting from there would put the server's start into the first task)
+    begin = next((t for t, text in stamps if "Beginning flow run" in text), stamps[0][0])
+    out: dict = {"start-up": begin - started}
+    prev = begin
     for t, text in stamps:
+        if t < begin:
+            continue
         m = TASK_DONE.search(text)
         if m:
             stage = stage_of(m.group(1))

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BEGIN = "<!-- bench/tables.py {} -->"
 END = "<!-- end bench/tables.py -->"
-LEFT_ALIGNED = {"variant", "layout", "layout per GPU", "target", "reached", "status"}
+LEFT_ALIGNED = {"variant", "layout", "layout per GPU", "target", "reached", "status", "run", "code", "record",
+                "card", "result"}
 
 
 def load(name: str) -> dict:
@@ -147,9 +148,49 @@ def _run_files() -> list[str]:
     return names
 
 
+FLOW_STAGES = ("start-up", "validate", "tokenize", "build_model", "train", "score", "evaluate", "publish")
+
+
+def flow_runs() -> str:
+    """Whole `python -m flows.finetune` runs on one H200 whose full logs are kept (bench/results/flow_h200/): the
+    seconds of each stage, read by bench/flow_gpu.py's `stage_times` (both score stages summed)."""
+    import datetime as dt
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import flow_gpu
+
+    meta = json.loads((RESULTS / "flow_h200" / "runs.json").read_text(encoding="utf-8"))
+    rows = []
+    for r in meta["runs"]:
+        lines = (RESULTS / "flow_h200" / r["log"]).read_text(encoding="utf-8").splitlines()
+        last = [m.group(1) for m in map(flow_gpu.LOG_LINE.match, lines) if m][-1]
+        end = dt.datetime.combine(dt.date.fromisoformat(meta["date"]), dt.time.fromisoformat(last)).timestamp()
+        stages = flow_gpu.stage_times(lines, end - r["process_s"])
+        rows.append([r["log"].removesuffix(".log"), r["code"], f"{r['process_s']:.1f}"]
+                    + [f"{stages.get(k, 0.0):.1f}" for k in FLOW_STAGES])
+    return markdown(["run", "code", "process s", *FLOW_STAGES], rows)
+
+
+def flow_gpu_records() -> str:
+    """`bench/flow_gpu.py` records (bench/results/flow_gpu_*.json): per card size, whether the flow finished, its
+    training time and the out-of-memory back-off's retries, and the error of a run that failed."""
+    rows = []
+    for path in sorted(RESULTS.glob("flow_gpu_*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        for r in record["runs"]:
+            error = next((l.strip()[:110] for l in reversed(r["tail"]) if "fine-tune failed" in l), "")
+            result = "ok" if r["ok"] else ("stopped at the per-run limit" if r["returncode"] == "timeout"
+                                           else f"failed: {error}")
+            train = r["stages_s"].get("train")
+            rows.append([path.stem.removeprefix("flow_gpu_"), r["name"], f"{r['process_s']:.0f}",
+                         "-" if train is None else f"{train:.1f}", str(len(r["oom_retries"])), result])
+    return markdown(["record", "card", "process s", "train s", "OOM retries", "result"], rows)
+
+
 # block name -> function printing it: one table per run file (named as the file), and the targets judged on them
 TABLES = {**{name: (lambda name=name: run_table(name)) for name in _run_files()},
-          "bench_targets": bench_targets, "multi_gpu_targets": multi_gpu_targets}
+          "bench_targets": bench_targets, "multi_gpu_targets": multi_gpu_targets, "flow_h200": flow_runs,
+          "flow_gpu_records": flow_gpu_records}
 
 
 def _segments(text: str) -> list[tuple[str | None, str]]:
