@@ -44,11 +44,22 @@ def base_model_of(adapter_dir: Path) -> str:
     return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
+def prompt_format_of(adapter_dir: Path) -> str:
+    """The prompt format the adapter was trained with: `prompt_format` of training_config.json's config (a bundle
+    from before the option, or an adapter from elsewhere, is the scaffold)."""
+    training = Path(adapter_dir) / "training_config.json"
+    if training.is_file():
+        return json.loads(training.read_text())["config"].get("prompt_format", "scaffold")
+    return "scaffold"
+
+
 def load_for_inference(adapter: str | None = None, revision: str | None = None, base_model: str | None = None,
                        outputs: str = "outputs", **overrides):
-    """(model, tokenizer, adapter_dir): the 4-bit base with the adapter on top, ready for generate()."""
+    """(model, tokenizer, adapter_dir): the 4-bit base with the adapter on top, ready for generate().
+    `prompt_format_of(adapter_dir)` says how to prompt it."""
     adapter_dir = locate_adapter(adapter, revision, outputs)
-    cfg = FinetuneConfig(base_model=base_model or base_model_of(adapter_dir), **overrides)
+    cfg = FinetuneConfig(base_model=base_model or base_model_of(adapter_dir), prompt_format=prompt_format_of(adapter_dir),
+                         **overrides)
     resolved = resolve_base_model(cfg.base_model)
     tok = load_tokenizer(resolved, cfg.base_revision)
     model = load_qlora_model(resolved, cfg, adapter_dir=str(adapter_dir), trainable=False)

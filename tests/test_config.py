@@ -21,8 +21,13 @@ def parse(argv):
 
 def test_defaults_are_the_recipe():
     cfg = FinetuneConfig()
-    assert (cfg.lora_r, cfg.lora_targets, cfg.optim, cfg.grad_accum) == (8, "q_proj,v_proj", "paged_adamw_8bit", 4)
-    assert cfg.load_in_4bit and cfg.lora_target_modules == ["q_proj", "v_proj"]
+    # lora_targets 'auto' is peft's default for the model type: q_proj,v_proj (the seed's) on Llama-type bases,
+    # what the embedded model is (tests/test_architectures.py checks the resolved targets)
+    assert (cfg.lora_r, cfg.lora_targets, cfg.optim, cfg.grad_accum) == (8, "auto", "paged_adamw_8bit", 4)
+    assert cfg.load_in_4bit and cfg.lora_target_modules is None and cfg.prompt_format == "scaffold"
+    assert FinetuneConfig(lora_targets="q_proj, v_proj").lora_target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="prompt_format must be scaffold or chat, got 'chatml'"):
+        from_mapping({"prompt_format": "chatml"})
 
 
 def test_flags_file_and_precedence(tmp_path):
