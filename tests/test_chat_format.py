@@ -77,6 +77,22 @@ def test_scaffold_chat_template_renders_the_training_prompt(tokenizer):
         assert full == format_prompt(instruction, user) + reply.strip() + tokenizer.eos_token
 
 
+def test_model_card_shows_how_to_prompt_in_the_trained_format(tmp_path):
+    import ast
+    import re
+
+    from personatune.hub import lora_targets_of, prompt_usage
+
+    chat, scaffold = prompt_usage("you/adapter", "chat"), prompt_usage("you/adapter", "scaffold")
+    for text in (chat, scaffold):
+        ast.parse(re.search(r"```python\n(.*?)```", text, re.S).group(1))  # the snippet is valid Python
+    assert "apply_chat_template(messages, add_generation_prompt=True" in chat and "### Instruction" not in chat
+    assert "### Instruction:\n{instruction}\n\n### User:\n{user}\n\n### Response:\n" in scaffold
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": ["v_proj", "q_proj"]}))
+    assert lora_targets_of(tmp_path, {"lora_targets": "auto"}) == "auto: q_proj,v_proj"
+    assert lora_targets_of(tmp_path, {"lora_targets": "all-linear"}) == "all-linear"
+
+
 def test_chat_format_needs_a_chat_template(tokenizer):
     from copy import deepcopy
 
@@ -85,3 +101,101 @@ def test_chat_format_needs_a_chat_template(tokenizer):
     with pytest.raises(ValueError, match="has no chat template; use prompt_format=scaffold"):
         encode_example(plain, "Be grim.", "Hi", "No.", "chat")
     assert encode_example(plain, "Be grim.", "Hi", "No.") == encode_example(tokenizer, "Be grim.", "Hi", "No.")
+
+
+# the golden rows only (no probes, no similarity model): the chat format's code paths at the least CPU time
+CHAT_RUN = dict(prompt_format="chat", max_steps=6, micro_batch_size=4, grad_accum=1, num_samples=1, max_new_tokens=16,
+                eval_fraction=0.03, force_promote=True, persona_similarity=False,
+                golden_csv=TINY_EVAL_SETS["golden_csv"], probes_csv="")
+
+
+@pytest.fixture(scope="module")
+def chat_run(prefect_env, tmp_path_factory):
+    from flows.finetune import finetune
+
+    work = tmp_path_factory.mktemp("chat")
+    shutil.copy(QUOTES, work / "quotes.csv")
+    params = dict(quotes_csv=str(work / "quotes.csv"), output_dir=str(work / "outputs"), **CHAT_RUN)
+    return params, finetune(**params)
+
+
+def test_chat_format_run_trains_and_held_out_loss_falls(chat_run, tokenizer):
+    _, summary = chat_run
+    run_dir = Path(summary["run_dir"])
+    ev = json.loads((run_dir / "eval.json").read_text())
+    print("chat run:", json.dumps({"eval_loss": ev["eval_loss"], "training": ev["training"],
+                                   "golden_loss": {r: m["golden_loss"] for r, m in ev["metrics"].items()}}))
+    assert ev["training"]["steps"] == 6 and ev["training"]["last_loss"] < ev["training"]["first_loss"]
+    assert ev["eval_loss"]["tuned"] < ev["eval_loss"]["base"]  # the held-out split, in the chat format
+    assert ev["metrics"]["challenger"]["golden_loss"] < ev["metrics"]["base"]["golden_loss"]
+    # the bundle says how it was trained, ships the base's chat template, and stops at <|im_end|>
+    assert json.loads((run_dir / "training_config.json").read_text())["config"]["prompt_format"] == "chat"
+    assert (run_dir / "chat_template.jinja").read_text() == tokenizer.chat_template
+    gen = json.loads((run_dir / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>") and "stop_strings" not in gen
+
+
+@pytest.fixture(scope="module")
+def chat_model(chat_run, base_model_dir):
+    """The chat-format adapter as evaluation loads it, and the bundle's own tokenizer (what a consumer loads)."""
+    from transformers import AutoTokenizer
+
+    from personatune.config import FinetuneConfig
+    from personatune.model import dequantize_frozen_base, load_qlora_model
+
+    run_dir = chat_run[1]["run_dir"]
+    model = load_qlora_model(base_model_dir, FinetuneConfig(), adapter_dir=run_dir, trainable=False)
+    dequantize_frozen_base(model)
+    return model, AutoTokenizer.from_pretrained(run_dir)
+
+
+ASK = ("Respond as Wednesday Addams: deadpan and morbid.", "Do you like sunny days?")  # flows.chat's default instruction
+
+
+def test_consumer_prompting_through_apply_chat_template_gets_the_evaluated_in_persona_reply(chat_run, chat_model):
+    """What an OpenAI-style server does (the bundle's tokenizer, `apply_chat_template`, its generation_config.json)
+    gives token for token the reply that evaluation and `flows.chat` produce; and through those same ids the
+    adapter finds her golden replies likelier than the base does (in persona, measured as the golden loss)."""
+    import torch
+    from transformers import GenerationConfig
+
+    from personatune.decoding import load_decoding
+    from personatune.evaluate import generate_reply, load_eval_rows, mean_loss
+
+    run_dir = chat_run[1]["run_dir"]
+    model, tok = chat_model
+    instruction, user = ASK
+    inputs = tok.apply_chat_template(chat_messages(instruction, user), add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, generation_config=GenerationConfig.from_pretrained(run_dir))
+    consumer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    ours = generate_reply(model, tok, instruction, user, load_decoding(run_dir), prompt_format="chat")
+    print("consumer reply:", consumer)
+    assert consumer == ours["reply"] and ours["reply"] and "<|im_start|>" not in tok.decode(out[0])
+
+    rows = []  # golden rows as a chat server tokenizes them; labels on everything after the generation prompt
+    for r in load_eval_rows(TINY_EVAL_SETS["golden_csv"]):
+        full = tok.apply_chat_template(chat_messages(r["instruction"], r["user"], r["reference"]))["input_ids"]
+        prompt = len(tok.apply_chat_template(chat_messages(r["instruction"], r["user"]), add_generation_prompt=True)["input_ids"])
+        rows.append({"input_ids": full, "attention_mask": [1] * len(full), "labels": [IGNORE_INDEX] * prompt + full[prompt:]})
+    tuned = mean_loss(model, rows, tok)
+    with model.disable_adapter():
+        base = mean_loss(model, rows, tok)
+    print(f"golden loss through apply_chat_template: base {base:.4f}, tuned {tuned:.4f}")
+    assert tuned < base
+
+
+def test_flows_chat_prompts_a_chat_format_adapter_in_its_format(chat_run, chat_model, capsys):
+    from flows.chat import main
+    from personatune.decoding import load_decoding
+    from personatune.evaluate import generate_reply
+
+    run_dir = chat_run[1]["run_dir"]
+    assert load_decoding(run_dir).max_new_tokens == 16  # flows.chat below decodes exactly as the bundle says
+    assert main(["--adapter", run_dir, "--max-new-tokens", "16", "--prompt", ASK[1]]) == 0
+    out, err = capsys.readouterr()
+    assert "prompt format: chat" in err
+    model, tok = chat_model
+    print("flows.chat:", out.strip())
+    assert out.strip() == generate_reply(model, tok, *ASK, load_decoding(run_dir), prompt_format="chat")["reply"]
