@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import transformers
 
-    from personatune.inference import load_for_inference, prompt_format_of
+    from personatune.inference import load_for_inference
+    from personatune.prompt import prompt_format_of
 
     transformers.utils.logging.disable_progress_bar()
     try:

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from personatune.data import DataValidationError, build_dataset
     from personatune.decoding import load_decoding
     from personatune.evaluate import evaluate_adapter, score_adapter
-    from personatune.inference import base_model_of, locate_adapter, prompt_format_of
+    from personatune.inference import base_model_of, locate_adapter
+    from personatune.prompt import prompt_format_of
     from personatune.model import BaseModelError, resolve_base_model
     from personatune.tokenization import load_tokenizer, tokenize_dataset
 

@@ -19,7 +19,7 @@ from personatune.config import FinetuneConfig
 from personatune.files import atomic_dir, is_complete
 from personatune.decoding import Decoding, generation_config
 from personatune.metrics import loops, paired_similarity, reply_stats
-from personatune.prompt import cut_reply, stop_strings
+from personatune.prompt import cut_reply, prompt_format_of, stop_strings
 from personatune.tokenization import IGNORE_INDEX, encode_prompt, load_tokenized, load_tokenizer, stop_token_ids
 from personatune.train import collator
 
@@ -173,8 +173,10 @@ def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | 
              else load_base_model(resolved, cfg))
     if not torch.cuda.is_available():
         dequantize_frozen_base(model)  # same logits, ~3x faster generation on a CPU
+    # a champion bundle is prompted as it was trained (the challenger's stage folder and the base: as configured)
+    prompt_format = prompt_format_of(adapter_dir, cfg.prompt_format) if adapter_dir else cfg.prompt_format
     scores = score_model(model, tok, eval_sets(cfg), Decoding.from_config(cfg), cfg.persona_similarity, cfg.seed,
-                         cfg.prompt_format)
+                         prompt_format)
     scores["adapter"] = str(adapter_dir) if adapter_dir else None
     with atomic_dir(out_dir) as tmp:
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")

@@ -9,6 +9,7 @@ from personatune.config import FinetuneConfig
 import torch
 
 from personatune.model import dequantize_frozen_base, load_qlora_model, resolve_base_model
+from personatune.prompt import prompt_format_of
 from personatune.tokenization import load_tokenizer
 
 
@@ -42,15 +43,6 @@ def base_model_of(adapter_dir: Path) -> str:
     if training.is_file():
         return json.loads(training.read_text())["config"]["base_model"]
     return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-
-
-def prompt_format_of(adapter_dir: Path) -> str:
-    """The prompt format the adapter was trained with: `prompt_format` of training_config.json's config (a bundle
-    from before the option, or an adapter from elsewhere, is the scaffold)."""
-    training = Path(adapter_dir) / "training_config.json"
-    if training.is_file():
-        return json.loads(training.read_text())["config"].get("prompt_format", "scaffold")
-    return "scaffold"
 
 
 def load_for_inference(adapter: str | None = None, revision: str | None = None, base_model: str | None = None,

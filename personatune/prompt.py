@@ -12,6 +12,9 @@ Either way the bundle's `chat_template.jinja` renders the format the adapter was
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 MARKER = "### "
 STOP_STRINGS = ["###"]
 
@@ -44,8 +47,23 @@ def chat_messages(instruction: str, user: str, reply: str | None = None) -> list
 
 
 def bundle_chat_template(tok, prompt_format: str) -> str:
-    """The chat template an adapter ships with: the scaffold's, or the base tokenizer's own for `chat`."""
-    return SCAFFOLD_CHAT_TEMPLATE if prompt_format == "scaffold" else tok.chat_template
+    """The chat template an adapter ships with: the base tokenizer's own for `chat`; for the scaffold, the scaffold's,
+    led by BOS when the tokenizer adds one to plain text (Llama-2's `<s>`; the scaffold is tokenized that way, while
+    `apply_chat_template` adds no special tokens of its own)."""
+    if prompt_format != "scaffold":
+        return tok.chat_template
+    adds_bos = tok.bos_token_id is not None and tok("x")["input_ids"][:1] == [tok.bos_token_id]
+    return ("{{- bos_token -}}" if adds_bos else "") + SCAFFOLD_CHAT_TEMPLATE
+
+
+def prompt_format_of(adapter_dir: str | Path, default: str = "scaffold") -> str:
+    """The prompt format an adapter bundle was trained with: `prompt_format` of its training_config.json's config
+    (what exporters read too). A bundle from before the option is the scaffold; a folder without the file (an
+    adapter from elsewhere, or a stage folder) gets `default`."""
+    training = Path(adapter_dir) / "training_config.json"
+    if training.is_file():
+        return json.loads(training.read_text())["config"].get("prompt_format", "scaffold")
+    return default
 
 
 def stop_strings(prompt_format: str) -> list[str]:

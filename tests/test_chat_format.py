@@ -77,6 +77,26 @@ def test_scaffold_chat_template_renders_the_training_prompt(tokenizer):
         assert full == format_prompt(instruction, user) + reply.strip() + tokenizer.eos_token
 
 
+def test_scaffold_chat_template_adds_bos_where_the_tokenizer_does(tokenizer):
+    """A tokenizer that puts BOS before plain text (Llama-2's `<s>`; here SmolLM2's given such a post-processor)
+    trains the scaffold with it, so the bundle's template writes it too: `apply_chat_template` adds none itself."""
+    from copy import deepcopy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from personatune.prompt import bundle_chat_template
+
+    assert bundle_chat_template(tokenizer, "scaffold") == SCAFFOLD_CHAT_TEMPLATE  # SmolLM2 adds no BOS
+    assert bundle_chat_template(tokenizer, "chat") == tokenizer.chat_template
+    with_bos = deepcopy(tokenizer)
+    with_bos.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{with_bos.bos_token} $A", special_tokens=[(with_bos.bos_token, with_bos.bos_token_id)])
+    template = bundle_chat_template(with_bos, "scaffold")
+    ids = with_bos.apply_chat_template(chat_messages("Be grim.", "Hi"), chat_template=template,
+                                       add_generation_prompt=True)["input_ids"]
+    assert ids == encode_prompt(with_bos, "Be grim.", "Hi") and ids[0] == with_bos.bos_token_id
+
+
 def test_model_card_shows_how_to_prompt_in_the_trained_format(tmp_path):
     import ast
     import re
@@ -199,3 +219,13 @@ def test_flows_chat_prompts_a_chat_format_adapter_in_its_format(chat_run, chat_m
     model, tok = chat_model
     print("flows.chat:", out.strip())
     assert out.strip() == generate_reply(model, tok, *ASK, load_decoding(run_dir), prompt_format="chat")["reply"]
+
+
+def test_a_bundle_names_its_prompt_format_and_older_bundles_are_scaffold(tmp_path):
+    from personatune.prompt import prompt_format_of
+
+    assert prompt_format_of(tmp_path) == "scaffold" and prompt_format_of(tmp_path, "chat") == "chat"  # no record
+    (tmp_path / "training_config.json").write_text(json.dumps({"config": {"lora_r": 8}}))  # before the option
+    assert prompt_format_of(tmp_path, "chat") == "scaffold"
+    (tmp_path / "training_config.json").write_text(json.dumps({"config": {"prompt_format": "chat"}}))
+    assert prompt_format_of(tmp_path) == "chat"

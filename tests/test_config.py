@@ -30,6 +30,14 @@ def test_defaults_are_the_recipe():
         from_mapping({"prompt_format": "chatml"})
 
 
+def test_prompt_format_has_one_name_in_flags_file_and_parameters(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("prompt_format: chat\n")
+    assert parse(["--prompt-format", "chat"]).prompt_format == parse(["--config", str(conf)]).prompt_format == "chat"
+    assert parse(["--config", str(conf), "--prompt-format", "scaffold"]).prompt_format == "scaffold"
+    assert from_mapping({"prompt_format": "chat"}).to_dict()["prompt_format"] == "chat"  # flow / deployment parameter
+
+
 def test_flags_file_and_precedence(tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text("lora_r: 16\nlearning_rate: 0.001\nlora_targets: all-linear\n")
