@@ -60,12 +60,10 @@ def generation_config(tok, decoding: Decoding, prompt_format: str = "scaffold"):
     `save_pretrained(folder)` writes generation_config.json."""
     from transformers import GenerationConfig
 
-    from personatune.tokenization import stop_token_ids
+    from personatune.tokenization import generation_eos
 
-    stop_ids = stop_token_ids(tok, prompt_format)
     stops = {"stop_strings": stop_strings(prompt_format)} if stop_strings(prompt_format) else {}
-    return GenerationConfig(max_new_tokens=decoding.max_new_tokens,
-                            eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0],
+    return GenerationConfig(max_new_tokens=decoding.max_new_tokens, eos_token_id=generation_eos(tok, prompt_format),
                             pad_token_id=tok.pad_token_id, **stops, **decoding.generate_kwargs())
 
 

@@ -20,7 +20,8 @@ from personatune.files import atomic_dir, is_complete
 from personatune.decoding import Decoding, generation_config
 from personatune.metrics import loops, paired_similarity, reply_stats
 from personatune.prompt import cut_reply, prompt_format_of, stop_strings
-from personatune.tokenization import IGNORE_INDEX, encode_prompt, load_tokenized, load_tokenizer, stop_token_ids
+from personatune.tokenization import (IGNORE_INDEX, encode_prompt, generation_eos, load_tokenized, load_tokenizer,
+                                      stop_token_ids)
 from personatune.train import collator
 
 TRAIN_LOSS_ROWS = 64  # train loss is measured on the first 64 training rows (a fixed sample)
@@ -63,7 +64,7 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
     device = next(model.parameters()).device
     stop_ids = stop_token_ids(tok, prompt_format)
     kwargs = dict(max_new_tokens=decoding.max_new_tokens, pad_token_id=tok.pad_token_id,
-                  eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0],
+                  eos_token_id=generation_eos(tok, prompt_format),
                   use_cache=True, streamer=streamer, **decoding.generate_kwargs())
     if stop_markers and stop_strings(prompt_format):
         kwargs.update(stop_strings=stop_strings(prompt_format), tokenizer=tok)

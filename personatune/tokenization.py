@@ -125,6 +125,12 @@ def stop_token_ids(tok, prompt_format: str = "scaffold") -> list[int]:
     return sorted({tok.eos_token_id, end_of_turn_id(tok, prompt_format)})
 
 
+def generation_eos(tok, prompt_format: str = "scaffold") -> int | list[int]:
+    """`eos_token_id` for `generate()` and generation_config.json: one id, or the list when EOS and end-of-turn differ."""
+    ids = stop_token_ids(tok, prompt_format)
+    return ids[0] if len(ids) == 1 else ids
+
+
 def encode_batch(batch: dict, tok, max_seq_len: int, on_long_row: str, prompt_format: str = "scaffold") -> dict:
     """The `datasets.map` function of `tokenize_dataset`: every input arrives as a parameter (no closure, no
     module state), and the map's fingerprint is given explicitly (`map_fingerprint`)."""
