@@ -189,10 +189,11 @@ def test_consumer_prompting_through_apply_chat_template_gets_the_evaluated_in_pe
                                      return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**inputs, generation_config=GenerationConfig.from_pretrained(run_dir))
-    consumer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    new_tokens = out[0, inputs["input_ids"].shape[1]:]
+    consumer = tok.decode(new_tokens, skip_special_tokens=True).strip()
     ours = generate_reply(model, tok, instruction, user, load_decoding(run_dir), prompt_format="chat")
     print("consumer reply:", consumer)
-    assert consumer == ours["reply"] and ours["reply"] and "<|im_start|>" not in tok.decode(out[0])
+    assert consumer == ours["reply"] and ours["reply"] and "<|im_start|>" not in tok.decode(new_tokens)
 
     rows = []  # golden rows as a chat server tokenizes them; labels on everything after the generation prompt
     for r in load_eval_rows(TINY_EVAL_SETS["golden_csv"]):
