@@ -4,8 +4,9 @@
     python -m flows.chat                                         # interactive, streamed
     python -m flows.chat --adapter you/wednesday-adapter --compare --prompt "Hi!"
 
-Uses the training scaffold with `### Response:` left open and stops at EOS or the next `###` marker during
-generation. Decodes with the adapter's generation_config.json (what its evaluation measured); `--temperature`,
+Prompts in the format the adapter was trained with (`prompt_format` in its training_config.json): the scaffold
+with `### Response:` left open, stopping at EOS or the next `###` marker during generation, or the base
+tokenizer's chat template, stopping at its end-of-turn token. Decodes with the adapter's generation_config.json (what its evaluation measured); `--temperature`,
 `--top-p`, `--repetition-penalty` and `--no-repeat-ngram-size` override it (`--temperature 0` = greedy).
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_adapter_arguments(p)
     p.add_argument("--prompt", help="Answer this once and exit; without it, chat interactively.")
-    p.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help=f"The ### Instruction line (default: {DEFAULT_INSTRUCTION!r}).")
+    p.add_argument("--instruction", default=DEFAULT_INSTRUCTION,
+                   help=f"The ### Instruction line, or the system message of a chat-format adapter (default: {DEFAULT_INSTRUCTION!r}).")
     p.add_argument("--temperature", type=float, default=None,
                    help="Override the bundle's generation_config.json: 0 = greedy, > 0 samples at this temperature.")
     p.add_argument("--top-p", type=float, default=None, help="Override the bundle's nucleus sampling mass.")
@@ -39,16 +41,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def reply_streamer(tok):
-    """Print the reply as it is generated, but never the `###` marker that stops it."""
+def reply_streamer(tok, prompt_format: str = "scaffold"):
+    """Print the reply as it is generated, but never the `###` marker that stops a scaffold reply (a chat reply
+    ends at its end-of-turn token, a special token the streamer skips)."""
+    marker = "###" if prompt_format == "scaffold" else None
     from transformers import TextStreamer
 
     class ReplyStreamer(TextStreamer):
         stopped = False
 
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            if not self.stopped and "###" in text:
-                text, self.stopped = text[:text.index("###")].rstrip() + "\n", True
+            if not self.stopped and marker and marker in text:
+                text, self.stopped = text[:text.index(marker)].rstrip() + "\n", True
             elif self.stopped:
                 text = ""
             print(text, flush=True, end="" if not stream_end else None)
@@ -71,11 +75,12 @@ def decoding_for(args, adapter_dir):
     return dataclasses.replace(stored, **changes)
 
 
-def answer(model, tok, args, user: str, stream: bool, decoding=None) -> dict:
+def answer(model, tok, args, user: str, stream: bool, decoding=None, prompt_format: str = "scaffold") -> dict:
     from personatune.evaluate import generate_reply
 
-    streamer = reply_streamer(tok) if stream else None
-    return generate_reply(model, tok, args.instruction, user, decoding, seed=args.seed, streamer=streamer)
+    streamer = reply_streamer(tok, prompt_format) if stream else None
+    return generate_reply(model, tok, args.instruction, user, decoding, seed=args.seed, streamer=streamer,
+                          prompt_format=prompt_format)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from personatune.inference import load_for_inference
+    from personatune.prompt import prompt_format_of
 
     transformers.utils.logging.disable_progress_bar()
     try:
@@ -91,13 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chat: {e}", file=sys.stderr)
         return 2
     decoding = decoding_for(args, adapter_dir)
-    print(f"[adapter: {adapter_dir}; decoding: {decoding.to_dict()}]", file=sys.stderr)
+    prompt_format = prompt_format_of(adapter_dir)
+    print(f"[adapter: {adapter_dir}; prompt format: {prompt_format}; decoding: {decoding.to_dict()}]", file=sys.stderr)
 
     def respond(user: str, stream: bool) -> None:
-        tuned = answer(model, tok, args, user, stream=stream and not args.compare, decoding=decoding)
+        tuned = answer(model, tok, args, user, stream=stream and not args.compare, decoding=decoding,
+                       prompt_format=prompt_format)
         if args.compare:
             with model.disable_adapter():
-                base = answer(model, tok, args, user, stream=False, decoding=decoding)
+                base = answer(model, tok, args, user, stream=False, decoding=decoding, prompt_format=prompt_format)
             print(f"tuned: {tuned['reply']}\nbase:  {base['reply']}")
         elif not stream:
             print(tuned["reply"])

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from personatune.decoding import load_decoding
     from personatune.evaluate import evaluate_adapter, score_adapter
     from personatune.inference import base_model_of, locate_adapter
+    from personatune.prompt import prompt_format_of
     from personatune.model import BaseModelError, resolve_base_model
     from personatune.tokenization import load_tokenizer, tokenize_dataset
 
@@ -51,12 +52,14 @@ def main(argv: list[str] | None = None) -> int:
                              eval_fraction=args.eval_fraction, golden_csv=args.golden_csv, probes_csv=args.probes_csv,
                              max_new_tokens=args.max_new_tokens, repetition_penalty=decoding.repetition_penalty,
                              no_repeat_ngram_size=decoding.no_repeat_ngram_size,
-                             temperature=decoding.temperature, top_p=decoding.top_p)
+                             temperature=decoding.temperature, top_p=decoding.top_p,
+                             prompt_format=prompt_format_of(adapter_dir))  # prompted as it was trained
         resolved = resolve_base_model(cfg.base_model)
         with tempfile.TemporaryDirectory() as work:
             dataset = build_dataset(cfg.quotes_csv, cfg.eval_fraction, Path(work) / "dataset")
             tokens = tokenize_dataset(dataset, load_tokenizer(resolved, cfg.base_revision), cfg.max_seq_len,
-                                      cfg.on_long_row, Path(work) / "tokens", quotes_csv=cfg.quotes_csv)
+                                      cfg.on_long_row, Path(work) / "tokens", quotes_csv=cfg.quotes_csv,
+                                      prompt_format=cfg.prompt_format)
             roles = {"base": None, "challenger": adapter_dir, **({"champion": args.champion} if args.champion else {})}
             scores = {role: score_adapter(cfg, resolved, path, Path(work) / f"scores-{role}") for role, path in roles.items()}
             out = evaluate_adapter(cfg, resolved, adapter_dir, tokens, scores, args.out,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+PROMPT_FORMATS = ("scaffold", "chat")
 
 
 class ConfigError(ValueError):
@@ -25,6 +26,7 @@ class FinetuneConfig:
     # --- data -------------------------------------------------------------------------------------
     quotes_csv: str = field(default="data/quotes.csv", metadata={"help": "Curated CSV with columns instruction,user,response: a local path, hf://datasets/<owner>/<name>[@<revision>]/<file>.csv or s3://<bucket>/<key>.csv[?versionId=<id>] (README, Data in a Hub dataset repo or a bucket)."})
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of rows held out for evaluation, chosen by a hash of each row (adding rows never reshuffles)."})
+    prompt_format: str = field(default="scaffold", metadata={"help": "How a row becomes tokens: 'scaffold' (the seed's ### Instruction / ### User / ### Response text) or 'chat' (the base tokenizer's chat template: instruction as the system message, the user turn, the reply as the assistant turn; loss on the reply and its end-of-turn token). Evaluation, chat and the bundle's chat_template.jinja use the same format."})
     max_seq_len: int = field(default=256, metadata={"help": "Token limit for one formatted example (prompt + response + EOS)."})
     on_long_row: str = field(default="reject", metadata={"help": "What to do with rows over max_seq_len: 'reject' (validation error) or 'truncate' (cut the response, logged)."})
     # --- model ------------------------------------------------------------------------------------
@@ -35,7 +37,7 @@ class FinetuneConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
-    lora_targets: str = field(default="q_proj,v_proj", metadata={"help": "Comma-separated module names to adapt, or 'all-linear'."})
+    lora_targets: str = field(default="auto", metadata={"help": "Comma-separated module names to adapt, 'all-linear', or 'auto': peft's default for the base's model type (q_proj,v_proj for Llama, the seed's; c_attn for GPT-2). A name the model lacks is an error that lists the modules it has."})
     # --- training ---------------------------------------------------------------------------------
     epochs: float = field(default=1.0, metadata={"help": "Training epochs (1 over the 1,029 shipped rows fits the embedded model's CPU budget, QUALITY.md; configs/llama2-7b-qlora.yaml uses the seed's 3)."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: run all epochs). Handy for smoke tests."})
@@ -83,6 +85,8 @@ class FinetuneConfig:
             problems.append(f"max_seq_len must be >= 16, got {self.max_seq_len}")
         if self.on_long_row not in ("reject", "truncate"):
             problems.append(f"on_long_row must be 'reject' or 'truncate', got {self.on_long_row!r}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            problems.append(f"prompt_format must be scaffold or chat, got {self.prompt_format!r}")
         if self.profile not in ("auto", "gpu", "low-memory", "manual"):
             problems.append(f"profile must be auto, gpu, low-memory or manual, got {self.profile!r}")
         if self.compute_dtype not in ("auto", "bf16", "fp16", "fp32"):
@@ -125,9 +129,10 @@ class FinetuneConfig:
 
     # ------------------------------------------------------------------------------------------------
     @property
-    def lora_target_modules(self) -> str | list[str]:
-        if self.lora_targets.strip() == "all-linear":
-            return "all-linear"
+    def lora_target_modules(self) -> str | list[str] | None:
+        """peft's `target_modules`: a list of names, "all-linear", or None for 'auto' (peft's per-model-type default)."""
+        if self.lora_targets.strip() in ("all-linear", "auto"):
+            return None if self.lora_targets.strip() == "auto" else "all-linear"
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from personatune.prompt import STOP_STRINGS
+from personatune.prompt import stop_strings
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -54,14 +54,17 @@ class Decoding:
         return asdict(self)
 
 
-def generation_config(tok, decoding: Decoding):
-    """A `transformers.GenerationConfig`: EOS = pad = the tokenizer's EOS, the `###` stop string, the sampling and
-    repetition controls; `save_pretrained(folder)` writes generation_config.json."""
+def generation_config(tok, decoding: Decoding, prompt_format: str = "scaffold"):
+    """A `transformers.GenerationConfig`: EOS = pad = the tokenizer's EOS, the `###` stop string (scaffold) or the
+    chat template's end-of-turn token (chat; one EOS id when they coincide), the sampling and repetition controls;
+    `save_pretrained(folder)` writes generation_config.json."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=decoding.max_new_tokens, eos_token_id=tok.eos_token_id,
-                            pad_token_id=tok.pad_token_id, stop_strings=list(STOP_STRINGS),
-                            **decoding.generate_kwargs())
+    from personatune.tokenization import generation_eos
+
+    stops = {"stop_strings": stop_strings(prompt_format)} if stop_strings(prompt_format) else {}
+    return GenerationConfig(max_new_tokens=decoding.max_new_tokens, eos_token_id=generation_eos(tok, prompt_format),
+                            pad_token_id=tok.pad_token_id, **stops, **decoding.generate_kwargs())
 
 
 def load_decoding(folder: str | Path, default: Decoding | None = None) -> Decoding:

@@ -3,7 +3,8 @@
 Replies stop *during generation*: EOS and the scaffold marker `###` are stop criteria handed to
 `generate()`, so the model never spends tokens writing the next `### User:` turn; `cut_reply` only strips the
 marker that triggered the stop. The report also shows the run-on rate with EOS alone (the seed's setting, which
-relied on trimming text afterwards), to make the stop criteria's effect visible.
+relied on trimming text afterwards), to make the stop criteria's effect visible. A `prompt_format: chat` adapter
+is prompted through the base tokenizer's chat template and stops at its end-of-turn token instead.
 Decoding is greedy by default and sampling is seeded: two evaluations of the same adapter give the same numbers.
 """
 from __future__ import annotations
@@ -18,8 +19,9 @@ from personatune.config import FinetuneConfig
 from personatune.files import atomic_dir, is_complete
 from personatune.decoding import Decoding, generation_config
 from personatune.metrics import loops, paired_similarity, reply_stats
-from personatune.prompt import STOP_STRINGS, cut_reply, format_prompt
-from personatune.tokenization import IGNORE_INDEX, load_tokenized, load_tokenizer
+from personatune.prompt import cut_reply, prompt_format_of, stop_strings
+from personatune.tokenization import (IGNORE_INDEX, encode_prompt, generation_eos, load_tokenized, load_tokenizer,
+                                      stop_token_ids)
 from personatune.train import collator, free_accelerator_memory
 
 TRAIN_LOSS_ROWS = 64  # train loss is measured on the first 64 training rows (a fixed sample)
@@ -116,40 +118,42 @@ def mean_loss(model, dataset, tok, batch_size: int = LOSS_BATCH) -> float:
 
 @torch.no_grad()
 def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decoding = Decoding(), stop_markers: bool = True,
-                     seed: int = 0, streamer=None, batch_size: int | None = None) -> list[dict]:
+                     seed: int = 0, streamer=None, batch_size: int | None = None,
+                     prompt_format: str = "scaffold") -> list[dict]:
     """Replies to (instruction, user) prompts, batched with left padding, decoded with `decoding` (its token limit,
     sampling and repetition controls). A sampling decoding reseeds before each batch (`seed` + the batch's first
     index), so the replies to a fixed prompt list do not depend on what ran before.
 
     Each result says why generation ended: `eos`, `marker` (the `###` stop string) or `length`. With
-    stop_markers=False only EOS stops generation (the seed's behaviour).
+    stop_markers=False only EOS stops generation (the seed's behaviour). `prompt_format` is the adapter's
+    (personatune.prompt): `chat` prompts through the chat template and stops at its end-of-turn token (`eos`).
     """
     model.eval()
     device = next(model.parameters()).device
-    kwargs = dict(max_new_tokens=decoding.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    stop_ids = stop_token_ids(tok, prompt_format)
+    kwargs = dict(max_new_tokens=decoding.max_new_tokens, pad_token_id=tok.pad_token_id,
+                  eos_token_id=generation_eos(tok, prompt_format),
                   use_cache=True, streamer=streamer, **decoding.generate_kwargs())
-    if stop_markers:
-        kwargs.update(stop_strings=STOP_STRINGS, tokenizer=tok)
+    if stop_markers and stop_strings(prompt_format):
+        kwargs.update(stop_strings=stop_strings(prompt_format), tokenizer=tok)
     side = tok.padding_side
     tok.padding_side = "left"  # generation appends on the right, so prompts are padded on the left
     # On a GPU: as many prompts at once as the free memory holds (prompt + reply tokens); OOM retries smaller
+    # split_special_tokens (in encode_prompt): a user's "<|im_start|>" (or the EOS string) stays text
+    encoded = [encode_prompt(tok, i, u, prompt_format) for i, u in prompts]
     free = free_cuda_bytes(device)
     batch_size = batch_size or (GENERATION_BATCH if free is None else GPU_GENERATION_BATCH)
     size = batch_size if free is None else rows_that_fit(
-        batch_size, decoding.max_new_tokens + max((len(tok(format_prompt(i, u), split_special_tokens=True)["input_ids"])
-                                                   for i, u in prompts), default=1),
+        batch_size, decoding.max_new_tokens + max((len(ids) for ids in encoded), default=1),
         model.config.get_text_config().vocab_size, free)
 
     def run(start: int, end: int) -> list[dict]:
-        chunk = prompts[start:end]
-        # split_special_tokens: a user's "<|im_start|>" (or the EOS string) stays text, never a control token
-        inputs = tok([format_prompt(i, u) for i, u in chunk], return_tensors="pt", padding=True,
-                     split_special_tokens=True).to(device)
+        inputs = tok.pad({"input_ids": encoded[start:end]}, return_tensors="pt").to(device)
         if decoding.sampling:
             torch.manual_seed(seed + start)
         out = model.generate(**inputs, **kwargs)
-        return [_describe(tok, instruction, user, row)
-                for (instruction, user), row in zip(chunk, out[:, inputs["input_ids"].shape[1]:].tolist())]
+        return [_describe(tok, instruction, user, row, stop_ids, prompt_format)
+                for (instruction, user), row in zip(prompts[start:end], out[:, inputs["input_ids"].shape[1]:].tolist())]
 
     try:
         return [r for part in in_batches(len(prompts), size, run) for r in part]
@@ -157,17 +161,16 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
         tok.padding_side = side
 
 
-def _describe(tok, instruction: str, user: str, new_tokens: list[int]) -> dict:
-    eos = tok.eos_token_id
-    end = new_tokens.index(eos) if eos in new_tokens else len(new_tokens)
+def _describe(tok, instruction: str, user: str, new_tokens: list[int], stop_ids: list[int], prompt_format: str) -> dict:
+    end = next((k for k, t in enumerate(new_tokens) if t in stop_ids), len(new_tokens))
     raw = tok.decode(new_tokens[:end], skip_special_tokens=True)
-    if "###" in raw:
+    if "###" in raw and prompt_format == "scaffold":
         ended_by = "marker"  # stopped by the stop string (what follows is padding) or wrote one before EOS
     elif end < len(new_tokens):
         ended_by = "eos"
     else:
         ended_by = "length"
-    return {"instruction": instruction, "user": user, "reply": cut_reply(raw), "raw": raw,
+    return {"instruction": instruction, "user": user, "reply": cut_reply(raw, prompt_format), "raw": raw,
             "new_tokens": end + (end < len(new_tokens)), "ended_by": ended_by}
 
 
@@ -193,30 +196,31 @@ def eval_sets(cfg: FinetuneConfig) -> dict[str, list[dict]]:
 
 
 @torch.no_grad()
-def reference_loss(model, tok, rows: list[dict]) -> float | None:
+def reference_loss(model, tok, rows: list[dict], prompt_format: str = "scaffold") -> float | None:
     """Mean loss per token of the reference replies (and their EOS), the prompt masked: how likely the model finds
     what she would have said. Unlike the CSV's held-out split, an edit to quotes.csv cannot move it."""
     from personatune.tokenization import encode_example
 
     if not rows:
         return None
-    encoded = [encode_example(tok, r["instruction"], r["user"], r["reference"]) for r in rows]
+    encoded = [encode_example(tok, r["instruction"], r["user"], r["reference"], prompt_format) for r in rows]
     data = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels} for ids, labels in encoded]
     return mean_loss(model, data, tok)
 
 
 def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, similarity: bool = True,
-                seed: int = 0) -> dict:
+                seed: int = 0, prompt_format: str = "scaffold") -> dict:
     """Loss on the references, replies, and reply metrics of one model on each evaluation set."""
     scores: dict = {"decoding": decoding.to_dict(), "sets": {}}
     all_sims, all_gens = [], []
     for name, rows in sets.items():
         if not rows:
             continue
-        gens = generate_replies(model, tok, [(r["instruction"], r["user"]) for r in rows], decoding=decoding, seed=seed)
+        gens = generate_replies(model, tok, [(r["instruction"], r["user"]) for r in rows], decoding=decoding, seed=seed,
+                                prompt_format=prompt_format)
         sims = paired_similarity([g["reply"] for g in gens], [r["reference"] for r in rows]) if similarity else [None] * len(rows)
         scores["sets"][name] = {
-            "loss": reference_loss(model, tok, rows),
+            "loss": reference_loss(model, tok, rows, prompt_format),
             "similarity": _mean(sims) if similarity else None,
             **reply_stats(gens),
             "replies": [{"user": r["user"], "reply": g["reply"], "ended_by": g["ended_by"], "loops": loops(g),
@@ -244,7 +248,10 @@ def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | 
     model = (load_qlora_model(resolved, cfg, adapter_dir=str(adapter_dir), trainable=False) if adapter_dir
              else load_base_model(resolved, cfg))
     fast_inference(model)
-    scores = score_model(model, tok, eval_sets(cfg), Decoding.from_config(cfg), cfg.persona_similarity, cfg.seed)
+    # a champion bundle is prompted as it was trained (the challenger's stage folder and the base: as configured)
+    prompt_format = prompt_format_of(adapter_dir, cfg.prompt_format) if adapter_dir else cfg.prompt_format
+    scores = score_model(model, tok, eval_sets(cfg), Decoding.from_config(cfg), cfg.persona_similarity, cfg.seed,
+                         prompt_format)
     scores["adapter"] = str(adapter_dir) if adapter_dir else None
     with atomic_dir(out_dir) as tmp:
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
@@ -313,7 +320,8 @@ def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path
     sets = eval_sets(cfg)
     golden = sets["golden"][:EOS_ONLY_PROMPTS]
     eos_only = generate_replies(model, tok, [(r["instruction"], r["user"]) for r in golden],
-                                decoding=Decoding.from_config(cfg), stop_markers=False, seed=cfg.seed)
+                                decoding=Decoding.from_config(cfg), stop_markers=False, seed=cfg.seed,
+                                prompt_format=cfg.prompt_format)
 
     cards = {role: load_scores(path) for role, path in scores.items() if path}
     metrics = {role: _metrics(card, cards["base"]) for role, card in cards.items()}
@@ -349,7 +357,7 @@ def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path
         (tmp / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         plot_eval(result, Path(adapter_dir) / "history.json", tmp / "eval_plot.png")
         (tmp / "report.md").write_text(render_report(result, cfg))
-        generation_config(tok, Decoding.from_config(cfg)).save_pretrained(tmp)  # what every consumer decodes with
+        generation_config(tok, Decoding.from_config(cfg), cfg.prompt_format).save_pretrained(tmp)  # what every consumer decodes with
     return out_dir
 
 

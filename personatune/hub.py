@@ -156,7 +156,6 @@ def render_model_card(bundle: str | Path, repo_id: str, license: str | None = No
                       "personatune); load it on the original weights as shown below")
     elif base_id and cfg.get("base_revision") not in (None, "", "main"):
         base_note += f" at revision `{cfg['base_revision']}`"
-    prompt = TEMPLATE.format(instruction="{instruction}", user="{user}")
     samples = "\n".join(f"- **User:** {s['user']}\n  **Reply:** {s['tuned']}" for s in ev.get("samples", []))
     verdict_text = ""
     if (bundle / "release.json").is_file():
@@ -179,8 +178,79 @@ Run `{run}`, data sha256 `{data_sha}`{data_line(tc)}.
 {usage_snippet(repo_id, base_id).rstrip()}
 ```
 
-Private repos need a token (`HF_TOKEN` or `hf auth login`). Then prompt with the training template and stop
-at the next `###`:
+Private repos need a token (`HF_TOKEN` or `hf auth login`). {prompt_usage(repo_id, cfg.get("prompt_format", "scaffold"))}
+## Evaluation
+
+Base model, the champion this release was judged against (when there was one) and this adapter, on fixed sets
+that an edit to the training CSV cannot move: `golden.csv` ({ev.get('golden_rows')} rows written for evaluation,
+never trained on) and {ev.get('probe_prompts')} unseen-topic probes (everyday topics absent from the training data),
+replies decoded with this repo's `generation_config.json` ({Decoding(**ev['decoding']).describe() if ev.get('decoding') else 'n/a'}):
+
+{chr(10).join(metric_table(ev))}
+
+{verdict_text}
+Sample replies (unseen-topic probes):
+
+{samples or '(none)'}
+
+## Training
+
+LoRA r={cfg['lora_r']}, alpha={cfg['lora_alpha']}, dropout={cfg['lora_dropout']} on `{lora_targets_of(bundle, cfg)}`;
+{'4-bit NF4 base with double quantization' if cfg.get('load_in_4bit') else 'unquantized base'};
+{ev.get('training', {}).get('steps')} optimizer steps, learning rate {cfg['learning_rate']}, batch
+{cfg['micro_batch_size']} x {cfg['grad_accum']}, seed {cfg['seed']}. The full resolved configuration is in
+`training_config.json`, the per-step loss in `history.json`, the evaluation in `eval.json`.
+"""
+    if releases is not None:
+        body += f"""
+## Release history
+
+Every run is pushed to its own branch `{RELEASE_PREFIX}<run>`; `main` holds the promoted release (or the one a
+rollback restored). This is `{RELEASE_PREFIX}{run}`; load exactly one release with
+`revision="{RELEASE_PREFIX}<run>"` in `PeftModel.from_pretrained`.
+
+{release_history_table(releases)}"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def lora_targets_of(bundle: Path, cfg: dict) -> str:
+    """The adapted modules as configured, with what 'auto' resolved to for this base (adapter_config.json)."""
+    adapter_config = bundle / "adapter_config.json"
+    if cfg["lora_targets"] != "auto" or not adapter_config.is_file():
+        return cfg["lora_targets"]
+    targets = json.loads(adapter_config.read_text()).get("target_modules")
+    return f"auto: {','.join(sorted(targets))}" if isinstance(targets, list) else f"auto: {targets}"
+
+
+def prompt_usage(repo_id: str, prompt_format: str) -> str:
+    """The card's "how to prompt it" text and snippet, in the format the adapter was trained with (`prompt_format` of
+    training_config.json). Either way this repo's chat_template.jinja renders that format, so `apply_chat_template`
+    (and an OpenAI-style server that applies it) prompts the adapter as it was trained."""
+    if prompt_format == "chat":
+        return f"""It was trained on the base tokenizer's chat template (`prompt_format: chat`; this repo's
+`chat_template.jinja`): the instruction is the system message, the user's line the user turn, and the reply ends
+with the template's end-of-turn token, where generation stops:
+
+```python
+from transformers import AutoTokenizer, GenerationConfig
+tok = AutoTokenizer.from_pretrained("{repo_id}")
+messages = [{{"role": "system", "content": "Respond as Wednesday Addams."}},
+            {{"role": "user", "content": "Do you like sunny days?"}}]
+inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+# generation_config.json (in this repo) holds the decoding the evaluation used: the end-of-turn token as EOS,
+# the repetition penalty, and sampling if the run set a temperature
+gen = GenerationConfig.from_pretrained("{repo_id}")
+out = model.generate(**inputs, generation_config=gen)
+print(tok.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+```
+
+## Prompt template
+
+The base model's chat template (`chat_template.jinja`), with the instruction as the system message.
+"""
+    prompt = TEMPLATE.format(instruction="{instruction}", user="{user}")
+    return f"""Then prompt with the training template and stop
+at the next `###` (this repo's `chat_template.jinja` renders the same template from a system and a user message):
 
 ```python
 from transformers import AutoTokenizer
@@ -198,39 +268,7 @@ print(tok.decode(out[0], skip_special_tokens=True)[len(prompt):].split("###")[0]
 
 ```
 {prompt}```
-
-## Evaluation
-
-Base model, the champion this release was judged against (when there was one) and this adapter, on fixed sets
-that an edit to the training CSV cannot move: `golden.csv` ({ev.get('golden_rows')} rows written for evaluation,
-never trained on) and {ev.get('probe_prompts')} unseen-topic probes (everyday topics absent from the training data),
-replies decoded with this repo's `generation_config.json` ({Decoding(**ev['decoding']).describe() if ev.get('decoding') else 'n/a'}):
-
-{chr(10).join(metric_table(ev))}
-
-{verdict_text}
-Sample replies (unseen-topic probes):
-
-{samples or '(none)'}
-
-## Training
-
-LoRA r={cfg['lora_r']}, alpha={cfg['lora_alpha']}, dropout={cfg['lora_dropout']} on `{cfg['lora_targets']}`;
-{'4-bit NF4 base with double quantization' if cfg.get('load_in_4bit') else 'unquantized base'};
-{ev.get('training', {}).get('steps')} optimizer steps, learning rate {cfg['learning_rate']}, batch
-{cfg['micro_batch_size']} x {cfg['grad_accum']}, seed {cfg['seed']}. The full resolved configuration is in
-`training_config.json`, the per-step loss in `history.json`, the evaluation in `eval.json`.
 """
-    if releases is not None:
-        body += f"""
-## Release history
-
-Every run is pushed to its own branch `{RELEASE_PREFIX}<run>`; `main` holds the promoted release (or the one a
-rollback restored). This is `{RELEASE_PREFIX}{run}`; load exactly one release with
-`revision="{RELEASE_PREFIX}<run>"` in `PeftModel.from_pretrained`.
-
-{release_history_table(releases)}"""
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
 def release_history_table(releases: list[dict]) -> str:

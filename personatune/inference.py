@@ -9,6 +9,7 @@ from personatune.config import FinetuneConfig
 import torch
 
 from personatune.model import dequantize_frozen_base, load_qlora_model, resolve_base_model
+from personatune.prompt import prompt_format_of
 from personatune.tokenization import load_tokenizer
 
 
@@ -46,9 +47,11 @@ def base_model_of(adapter_dir: Path) -> str:
 
 def load_for_inference(adapter: str | None = None, revision: str | None = None, base_model: str | None = None,
                        outputs: str = "outputs", **overrides):
-    """(model, tokenizer, adapter_dir): the 4-bit base with the adapter on top, ready for generate()."""
+    """(model, tokenizer, adapter_dir): the 4-bit base with the adapter on top, ready for generate().
+    `prompt_format_of(adapter_dir)` says how to prompt it."""
     adapter_dir = locate_adapter(adapter, revision, outputs)
-    cfg = FinetuneConfig(base_model=base_model or base_model_of(adapter_dir), **overrides)
+    cfg = FinetuneConfig(base_model=base_model or base_model_of(adapter_dir), prompt_format=prompt_format_of(adapter_dir),
+                         **overrides)
     resolved = resolve_base_model(cfg.base_model)
     tok = load_tokenizer(resolved, cfg.base_revision)
     model = load_qlora_model(resolved, cfg, adapter_dir=str(adapter_dir), trainable=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from personatune.config import EMBEDDED_MODEL, FinetuneConfig
+from personatune.config import EMBEDDED_MODEL, ConfigError, FinetuneConfig
 from personatune.files import atomic_dir, is_complete, stable_hash
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -115,14 +115,44 @@ def load_base_model(resolved: str, cfg: FinetuneConfig):
     return model
 
 
-def lora_config(cfg: FinetuneConfig):
+def adaptable_modules(model) -> list[str]:
+    """The names LoRA can target in `model`: the last part of every linear layer's name (`q_proj`, `c_attn`...),
+    whatever class implements it (torch Linear, GPT-2's Conv1D, a bitsandbytes 4-bit Linear), lm_head excepted."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if type(module).__name__ in ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D")}
+    return sorted(names - {"lm_head"})
+
+
+def resolve_lora_targets(model, lora_targets: str | list[str] | None) -> str | list[str]:
+    """`lora_targets` made concrete for this model: None ('auto') becomes peft's default for its model type
+    (q_proj,v_proj for Llama, c_attn for GPT-2: peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+    Every named target must exist (peft itself only fails when none does, and then without naming what exists)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = getattr(model.config, "model_type", None)
+    existing = adaptable_modules(model)
+    if lora_targets == "all-linear":
+        return lora_targets
+    if lora_targets is None:
+        if model_type not in DEFAULTS:
+            raise ConfigError(f"lora_targets=auto: no default target modules for model type {model_type!r}; set "
+                              f"lora_targets to some of its linear modules: {', '.join(existing)} (or all-linear)")
+        lora_targets = list(DEFAULTS[model_type])
+    missing = [t for t in lora_targets if t not in existing]
+    if missing:
+        raise ConfigError(f"lora_targets: {', '.join(missing)} not found in the {model_type} base model; its linear "
+                          f"modules are: {', '.join(existing)} (or use auto or all-linear)")
+    return list(lora_targets)
+
+
+def lora_config(cfg: FinetuneConfig, model):
     from peft import LoraConfig
 
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules,
+        target_modules=resolve_lora_targets(model, cfg.lora_target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -140,7 +170,7 @@ def load_qlora_model(resolved: str, cfg: FinetuneConfig, adapter_dir: str | None
     if adapter_dir is not None:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
     torch.manual_seed(cfg.seed)
-    return get_peft_model(model, lora_config(cfg))
+    return get_peft_model(model, lora_config(cfg, model))
 
 
 def parameter_counts(model) -> dict[str, int | float]:
@@ -171,11 +201,15 @@ def build_model(resolved: str, cfg: FinetuneConfig, out_dir: str | Path) -> Path
             "resolved": resolved,
             "quantization": "nf4, double quant" if cfg.load_in_4bit else "none",
             "compute_dtype": str(compute_dtype(cfg.compute_dtype)).removeprefix("torch."),
-            "lora_targets": cfg.lora_target_modules,
+            "lora_targets": _names(model.peft_config["default"].target_modules),  # as resolved for this model
             **counts,
         }
         (tmp / "model.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out_dir
+
+
+def _names(targets) -> str | list[str]:
+    return targets if isinstance(targets, str) else sorted(targets)
 
 
 def dequantize_frozen_base(model) -> int:

@@ -1,4 +1,4 @@
-"""Render rows into the scaffold and tokenize them into input_ids / attention_mask / labels.
+"""Render rows into the prompt format (personatune.prompt) and tokenize them into input_ids / attention_mask / labels.
 
 Loss is taken on the response only: prompt positions get label -100 (an improvement on the seed, which
 trained on the whole text and so spent capacity learning to echo the scaffold). EOS closes every example so
@@ -7,11 +7,12 @@ the model learns where a reply ends; pad = EOS as in the seed (Llama has no pad 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from personatune.data import COLUMNS, DataValidationError, Problem
 from personatune.files import atomic_dir, code_version, is_complete, sha256_bytes, stable_hash
-from personatune.prompt import format_prompt
+from personatune.prompt import chat_messages, format_prompt
 
 IGNORE_INDEX = -100
 
@@ -50,23 +51,92 @@ def special_token_problems(dsd, tok, quotes_csv: str) -> list[Problem]:
     return sorted(problems, key=lambda p: (p.line, COLUMNS.index(p.column)))
 
 
-def encode_example(tok, instruction: str, user: str, response: str) -> tuple[list[int], list[int]]:
+def encode_example(tok, instruction: str, user: str, response: str,
+                   prompt_format: str = "scaffold") -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one row; labels are -100 on the prompt. BOS comes from the tokenizer.
 
     The text is tokenized with `split_special_tokens=True`: a special-token string in a cell stays text, so the
     one EOS appended here is the only control token an example holds (the tokenize stage rejects such cells
-    anyway; evaluation sets reach this without that check)."""
-    prompt_ids = tok(format_prompt(instruction, user), add_special_tokens=True, split_special_tokens=True)["input_ids"]
-    response_ids = tok(response, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tok.eos_token_id]
+    anyway; evaluation sets reach this without that check). `chat`: the prompt of `encode_prompt`, then the reply
+    and the template's end-of-turn token, the only labelled positions (what follows that token is never learned)."""
+    prompt_ids = encode_prompt(tok, instruction, user, prompt_format)
+    if prompt_format == "chat":
+        reply_ids = tok(response.strip(), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        response_ids = reply_ids + [end_of_turn_id(tok, prompt_format)]
+    else:
+        response_ids = tok(response, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tok.eos_token_id]
     return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
 
 
-def encode_batch(batch: dict, tok, max_seq_len: int, on_long_row: str) -> dict:
+def encode_prompt(tok, instruction: str, user: str, prompt_format: str = "scaffold") -> list[int]:
+    """The token ids a reply is generated after: the scaffold up to `### Response:\n`, or the chat template with
+    its generation prompt (`<|im_start|>assistant\n` for SmolLM2)."""
+    if prompt_format == "chat":
+        return _chat_ids(tok, chat_messages(instruction, user), add_generation_prompt=True)[0]
+    return tok(format_prompt(instruction, user), add_special_tokens=True, split_special_tokens=True)["input_ids"]
+
+
+_SLOT = re.compile("\ue000(\\d+)\ue001")  # a message's place in the rendered template (private-use characters)
+
+
+def _chat_ids(tok, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """The chat template's rendering of `messages` as token ids, and each message's (start, end) token span.
+
+    The template's own text is tokenized as the template means it (`<|im_start|>` is the control token), each
+    message's content with `split_special_tokens=True` (a user's `<|im_end|>` stays text). For content without
+    special-token strings the ids equal `tok.apply_chat_template(messages)` (tests/test_chat_format.py)."""
+    if not tok.chat_template:
+        raise ValueError(f"prompt_format=chat: the tokenizer of {tok.name_or_path} has no chat template; "
+                         "use prompt_format=scaffold")
+    slots = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+    text = tok.apply_chat_template(slots, tokenize=False, add_generation_prompt=add_generation_prompt)
+    pieces = _SLOT.split(text)  # template text, slot index, template text, slot index, ...
+    found = [int(i) for i in pieces[1::2]]
+    if sorted(found) != list(range(len(messages))):
+        raise ValueError(f"prompt_format=chat: the chat template of {tok.name_or_path} does not render each message "
+                         f"once (roles {[m['role'] for m in messages]}); use prompt_format=scaffold")
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = [(0, 0)] * len(messages)
+    for k, piece in enumerate(pieces):
+        if k % 2 == 0:
+            ids += tok(piece, add_special_tokens=False)["input_ids"] if piece else []
+        else:
+            start = len(ids)
+            ids += tok(messages[int(piece)]["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            spans[int(piece)] = (start, len(ids))
+    return ids, spans
+
+
+def end_of_turn_id(tok, prompt_format: str = "scaffold") -> int:
+    """The token that ends a reply: EOS for the scaffold; for chat, the first token the template writes after the
+    assistant's content (`<|im_end|>` in ChatML)."""
+    if prompt_format != "chat":
+        return tok.eos_token_id
+    ids, spans = _chat_ids(tok, chat_messages("s", "u", "a"), add_generation_prompt=False)
+    end = spans[2][1]
+    if end >= len(ids):
+        raise ValueError(f"prompt_format=chat: the chat template of {tok.name_or_path} writes no end-of-turn token "
+                         "after the assistant's reply; use prompt_format=scaffold")
+    return ids[end]
+
+
+def stop_token_ids(tok, prompt_format: str = "scaffold") -> list[int]:
+    """Token ids that end generation: EOS and the format's end-of-turn token (one id when they coincide)."""
+    return sorted({tok.eos_token_id, end_of_turn_id(tok, prompt_format)})
+
+
+def generation_eos(tok, prompt_format: str = "scaffold") -> int | list[int]:
+    """`eos_token_id` for `generate()` and generation_config.json: one id, or the list when EOS and end-of-turn differ."""
+    ids = stop_token_ids(tok, prompt_format)
+    return ids[0] if len(ids) == 1 else ids
+
+
+def encode_batch(batch: dict, tok, max_seq_len: int, on_long_row: str, prompt_format: str = "scaffold") -> dict:
     """The `datasets.map` function of `tokenize_dataset`: every input arrives as a parameter (no closure, no
     module state), and the map's fingerprint is given explicitly (`map_fingerprint`)."""
     out = {"input_ids": [], "attention_mask": [], "labels": [], "truncated": []}
     for ins, usr, resp in zip(batch["instruction"], batch["user"], batch["response"]):
-        ids, labels = encode_example(tok, ins, usr, resp)
+        ids, labels = encode_example(tok, ins, usr, resp, prompt_format)
         truncated = len(ids) > max_seq_len
         if truncated and on_long_row == "truncate":
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
@@ -85,18 +155,20 @@ def tokenizer_fingerprint(tok) -> str:
     return stable_hash(sha256_bytes(definition.encode("utf-8")), tok.eos_token_id)
 
 
-def map_fingerprint(split_fingerprint: str, tok, max_seq_len: int, on_long_row: str) -> str:
+def map_fingerprint(split_fingerprint: str, tok, max_seq_len: int, on_long_row: str, prompt_format: str = "scaffold") -> str:
     """The tokenized split's `datasets` fingerprint, from everything its content depends on: the input split, the
-    tokenization code (this module and what it imports, e.g. the prompt template), the tokenizer and the limits.
+    tokenization code (this module and what it imports, e.g. the prompt template), the tokenizer, the limits and the
+    prompt format (with the tokenizer's chat template when that is the format).
     Given explicitly, `datasets` does not fingerprint `encode_batch` itself: that hashing pickles the function with
     dill, which disassembles its bytecode into a captured `sys.stdout` (under Prefect's `log_prints` those lines
     land in the task log instead, and the globals they name drop out of the fingerprint)."""
+    chat = (prompt_format, tok.chat_template) if prompt_format == "chat" else ()
     return stable_hash(split_fingerprint, code_version("personatune.tokenization"), tokenizer_fingerprint(tok),
-                       max_seq_len, on_long_row)
+                       max_seq_len, on_long_row, *chat)
 
 
 def tokenize_dataset(dataset_dir: str | Path, tok, max_seq_len: int, on_long_row: str, out_dir: str | Path,
-                     quotes_csv: str = "quotes.csv") -> Path:
+                     quotes_csv: str = "quotes.csv", prompt_format: str = "scaffold") -> Path:
     """Tokenize both splits with `datasets.map` (batched) and save them as Arrow to `out_dir`.
 
     Cells holding one of the tokenizer's special-token strings are rejected with their CSV line and column. Rows
@@ -116,9 +188,9 @@ def tokenize_dataset(dataset_dir: str | Path, tok, max_seq_len: int, on_long_row
 
     tokenized = DatasetDict({
         split: ds.map(encode_batch, batched=True, fn_kwargs={"tok": tok, "max_seq_len": max_seq_len,
-                                                             "on_long_row": on_long_row},
+                                                             "on_long_row": on_long_row, "prompt_format": prompt_format},
                       remove_columns=list(COLUMNS), keep_in_memory=True, load_from_cache_file=False,
-                      new_fingerprint=map_fingerprint(ds._fingerprint, tok, max_seq_len, on_long_row),
+                      new_fingerprint=map_fingerprint(ds._fingerprint, tok, max_seq_len, on_long_row, prompt_format),
                       desc="tokenize")
         for split, ds in dsd.items()
     })

@@ -23,6 +23,7 @@ import torch
 from personatune.config import FinetuneConfig
 from personatune.files import atomic_dir, is_complete
 from personatune.model import compute_dtype, load_qlora_model
+from personatune.prompt import bundle_chat_template
 from personatune.tokenization import IGNORE_INDEX, load_tokenized, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -245,6 +246,7 @@ def train_adapter(cfg: FinetuneConfig, plan, resolved: str, init_adapter: str | 
     best = trainer.state.best_model_checkpoint
     with atomic_dir(adapter_dir) as tmp:
         model.save_pretrained(tmp)
+        tok.chat_template = bundle_chat_template(tok, cfg.prompt_format)  # chat_template.jinja: the trained format
         tok.save_pretrained(tmp)
         (tmp / "history.json").write_text(json.dumps({
             "resumed_from": Path(resume).name if resume else None,

@@ -23,16 +23,17 @@ MODEL_FIELDS = ("base_revision", "load_in_4bit", "compute_dtype", "lora_r", "lor
                 "lora_targets", "seed")
 STAGE_FIELDS = {
     "validate": ("eval_fraction",),
-    "tokenize": ("base_revision", "max_seq_len", "on_long_row"),
+    "tokenize": ("base_revision", "max_seq_len", "on_long_row", "prompt_format"),
     "build_model": MODEL_FIELDS + ("gradient_checkpointing",),
     "train": MODEL_FIELDS + ("epochs", "max_steps", "learning_rate", "warmup_ratio", "micro_batch_size",
                              "grad_accum", "optim", "packing", "gradient_checkpointing", "profile", "compile",
-                             "num_gpus", "neftune_noise_alpha", "eval_every_steps", "early_stopping_patience"),
+                             "num_gpus", "neftune_noise_alpha", "eval_every_steps", "early_stopping_patience",
+                             "prompt_format"),  # the format decides the chat_template.jinja saved with the adapter
     "score": ("base_revision", "load_in_4bit", "compute_dtype", "seed", "max_new_tokens", "repetition_penalty",
-              "no_repeat_ngram_size", "temperature", "top_p", "persona_similarity"),
+              "no_repeat_ngram_size", "temperature", "top_p", "persona_similarity", "prompt_format"),
     "evaluate": MODEL_FIELDS + ("num_samples", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size",
                                 "temperature", "top_p",
-                                "golden_csv", "probes_csv", "persona_similarity"),
+                                "golden_csv", "probes_csv", "persona_similarity", "prompt_format"),
 }
 # The ML-core modules each stage runs; their imports are followed (personatune.files.module_closure). The ranks
 # of a multi-GPU run start as `python -m personatune.train_rank`, which no import names: listed here.

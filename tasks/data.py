@@ -47,7 +47,8 @@ def validate_quotes(out_dir: str, config: dict, quotes_csv: str, csv_sha256: str
 
 @cached_stage("tokenize")
 def tokenize_quotes(out_dir: str, config: dict, dataset_dir: str, base_model: str, model_fingerprint: str) -> str:
-    """Render the scaffold and tokenize with response-only labels (datasets.map, Arrow on disk)."""
+    """Render the prompt format and tokenize with response-only labels (datasets.map, Arrow on disk)."""
     cfg = from_mapping(config)
     tok = load_tokenizer(base_model, cfg.base_revision)
-    return str(tokenize_dataset(dataset_dir, tok, cfg.max_seq_len, cfg.on_long_row, out_dir, quotes_csv=cfg.quotes_csv))
+    return str(tokenize_dataset(dataset_dir, tok, cfg.max_seq_len, cfg.on_long_row, out_dir, quotes_csv=cfg.quotes_csv,
+                                prompt_format=cfg.prompt_format))

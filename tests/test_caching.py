@@ -45,3 +45,14 @@ def test_scores_are_keyed_by_the_adapter_content_and_the_decoding():
     train = {"config": config, "dataset_dir": "d"}
     for setting in ("neftune_noise_alpha", "eval_every_steps", "early_stopping_patience"):
         assert stage_key("train", {**train, "config": {**config, setting: 0}}) != stage_key("train", train)
+
+
+def test_prompt_format_and_lora_targets_key_every_stage_they_change():
+    """A new prompt format re-tokenizes, retrains (its chat_template.jinja differs), re-scores and re-evaluates; new
+    LoRA targets rebuild the model and retrain; validation is untouched by either."""
+    config = {"output_dir": "out", **{f: 1 for fields in STAGE_FIELDS.values() for f in fields}}
+    params = {"config": config, "dataset_dir": "d"}
+    for setting, stages in (("prompt_format", ("tokenize", "train", "score", "evaluate")),
+                            ("lora_targets", ("build_model", "train", "evaluate"))):
+        changed = {**params, "config": {**config, setting: "other"}}
+        assert {s for s in STAGE_FIELDS if stage_key(s, changed) != stage_key(s, params)} == set(stages), setting

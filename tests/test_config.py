@@ -21,8 +21,21 @@ def parse(argv):
 
 def test_defaults_are_the_recipe():
     cfg = FinetuneConfig()
-    assert (cfg.lora_r, cfg.lora_targets, cfg.optim, cfg.grad_accum) == (8, "q_proj,v_proj", "paged_adamw_8bit", 4)
-    assert cfg.load_in_4bit and cfg.lora_target_modules == ["q_proj", "v_proj"]
+    # lora_targets 'auto' is peft's default for the model type: q_proj,v_proj (the seed's) on Llama-type bases,
+    # what the embedded model is (tests/test_architectures.py checks the resolved targets)
+    assert (cfg.lora_r, cfg.lora_targets, cfg.optim, cfg.grad_accum) == (8, "auto", "paged_adamw_8bit", 4)
+    assert cfg.load_in_4bit and cfg.lora_target_modules is None and cfg.prompt_format == "scaffold"
+    assert FinetuneConfig(lora_targets="q_proj, v_proj").lora_target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="prompt_format must be scaffold or chat, got 'chatml'"):
+        from_mapping({"prompt_format": "chatml"})
+
+
+def test_prompt_format_has_one_name_in_flags_file_and_parameters(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("prompt_format: chat\n")
+    assert parse(["--prompt-format", "chat"]).prompt_format == parse(["--config", str(conf)]).prompt_format == "chat"
+    assert parse(["--config", str(conf), "--prompt-format", "scaffold"]).prompt_format == "scaffold"
+    assert from_mapping({"prompt_format": "chat"}).to_dict()["prompt_format"] == "chat"  # flow / deployment parameter
 
 
 def test_flags_file_and_precedence(tmp_path):
