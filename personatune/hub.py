@@ -40,6 +40,7 @@ DEFAULT_LICENSE = "apache-2.0"  # the project's and the embedded base's; PERSONA
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 # Bundle files that go to the Hub (the model card README.md is added); markers and dotfiles stay local.
 SKIP_FILES = {".complete"}
+EXPORT_FOLDERS = ("merged", "gguf")  # personatune.export writes them into the bundle; the commit carries them
 RELEASE_PREFIX = "release/"
 # One git ref component: what a run name must be to name a branch (run names are "20261129-001234-70af8535").
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -432,7 +433,8 @@ def push_bundle(bundle: str | Path, repo_id: str, token: str | None, *, private:
         description += f"Orchestrator run: {run_label}\n"
     with tempfile.TemporaryDirectory(prefix="personatune-hub-") as tmp:
         staged = _stage(bundle, Path(tmp), repo_id)
-        operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(staged.iterdir())]
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(staged / name))
+                      for name in staged_files(staged)]
         info = _call(lambda: api.create_commit(repo_id, operations, commit_message=title,
                                                commit_description=description),
                      what, repo_id, endpoint, token)
@@ -464,6 +466,14 @@ def _stage(bundle: Path, tmp: Path, repo_id: str, releases: list[dict] | None = 
     for path in bundle.iterdir():
         if path.is_file() and path.name not in SKIP_FILES and not path.name.startswith("."):
             shutil.copy2(path, staged / path.name)
+    for folder in EXPORT_FOLDERS:  # merged/ and gguf/ of an export: GBs on a 7B, so linked when the disk allows
+        for path in sorted((bundle / folder).glob("*")) if (bundle / folder).is_dir() else []:
+            if path.is_file() and not path.name.startswith("."):
+                (staged / folder).mkdir(exist_ok=True)
+                try:
+                    os.link(path, staged / folder / path.name)
+                except OSError:
+                    shutil.copy2(path, staged / folder / path.name)
     cfg = json.loads((bundle / "training_config.json").read_text())["config"]
     base_id = hub_base_model(cfg["base_model"])
     adapter_cfg = staged / "adapter_config.json"
@@ -475,6 +485,11 @@ def _stage(bundle: Path, tmp: Path, repo_id: str, releases: list[dict] | None = 
         adapter_cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     (staged / "README.md").write_text(render_model_card(bundle, repo_id, releases=releases), encoding="utf-8")
     return staged
+
+
+def staged_files(staged: Path) -> list[str]:
+    """Repo paths of the commit: the bundle's files and those of its export folders (`gguf/model-f16.gguf`)."""
+    return sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -541,7 +556,7 @@ def push_release(bundle: str | Path, repo_id: str, token: str | None, *, private
     with tempfile.TemporaryDirectory(prefix="personatune-hub-") as tmp:
         staged = _stage(bundle, Path(tmp), repo_id, releases=releases)
         head = call(lambda: api.model_info(repo_id, revision=branch))
-        files = sorted(p.name for p in staged.iterdir())
+        files = staged_files(staged)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(staged / name)) for name in files]
         operations += _deletions({s.rfilename for s in head.siblings or []} - set(files) - HUB_HOUSEKEEPING)
         info = call(lambda: api.create_commit(repo_id, operations, revision=branch, commit_message=title,
