@@ -657,6 +657,32 @@ def _make_equal(api, repo_id: str, target: str, source: str, title: str, descrip
                                           parent_commit=dst.sha))
 
 
+def push_exports(bundle: str | Path, repo_id: str, token: str | None, *, revision: str | None = None,
+                 private: bool = True, endpoint: str | None = None) -> PushResult:
+    """The export outputs of a bundle (Modelfile, merged/, gguf/) added to `repo_id` at `revision` (default
+    main) in one commit, next to the adapter already there (`python -m flows.export --hub-repo`)."""
+    from huggingface_hub import CommitOperationAdd
+
+    bundle = Path(bundle)
+    what = f"pushing the export of {bundle.name} to {repo_id}"
+    api, endpoint = _client(what, repo_id, token, endpoint)
+    call = lambda fn: _call(fn, what, repo_id, endpoint, token)  # noqa: E731
+    call(lambda: api.whoami())
+    repo_url = call(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+    paths = [p for folder in EXPORT_FOLDERS if (bundle / folder).is_dir() for p in sorted((bundle / folder).iterdir())
+             if p.is_file() and not p.name.startswith(".")]
+    paths += [bundle / "Modelfile"] if (bundle / "Modelfile").is_file() else []
+    if not paths:
+        raise HubPublishError(f"{what}: {bundle} holds no export (merged/, gguf/ or Modelfile); export first")
+    operations = [CommitOperationAdd(path_in_repo=p.relative_to(bundle).as_posix(), path_or_fileobj=str(p))
+                  for p in paths]
+    formats = ", ".join(sorted({p.relative_to(bundle).parts[0] for p in paths}))
+    info = call(lambda: api.create_commit(repo_id, operations, revision=revision, commit_message=f"Export {formats}",
+                                          commit_description=f"Exported from bundle {bundle.name} by personatune\n"))
+    return PushResult(repo_id=repo_id, repo_url=str(repo_url), commit_url=info.commit_url, commit_oid=info.oid,
+                      endpoint=endpoint)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Loading back
 # ------------------------------------------------------------------------------------------------------------

@@ -127,11 +127,16 @@ def test_f16_gguf_reads_back_and_replies_like_the_merged_model(tuned_bundle, mer
     bundle, _ = tuned_bundle
     folder = bundle / "gguf"
     reader = GGUFReader(folder / "model-f16.gguf")
-    field = reader.fields["general.architecture"]
-    assert bytes(field.parts[field.data[0]]).decode() == "llama"
+    assert reader.fields["general.architecture"].contents() == "llama"
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert len(types) == 272  # 30 layers x 9 + embeddings + final norm (tied output)
     assert types["blk.0.attn_q.weight"] == GGMLQuantizationType.F16
+    # what llama.cpp tokenizes with: SmolLM2's pre-tokenizer recognised, BOS added exactly as in training (not at all)
+    meta = {k: reader.fields[k].contents() for k in ("tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token",
+                                                        "tokenizer.ggml.eos_token_id")}
+    adds_bos = tokenizer("### User:")["input_ids"][0] == tokenizer.bos_token_id
+    assert meta == {"tokenizer.ggml.pre": "smollm", "tokenizer.ggml.add_bos_token": adds_bos,
+                    "tokenizer.ggml.eos_token_id": tokenizer.eos_token_id}
     q8 = {t.name: t.tensor_type for t in GGUFReader(folder / "model-q8_0.gguf").tensors}
     assert q8["blk.0.attn_q.weight"] == GGMLQuantizationType.Q8_0
 
