@@ -207,12 +207,16 @@ def export_bundle(bundle: str | Path, formats: str | list[str], base_model: str 
     modelfile_template(settings["prompt_format"], _tokenizer(bundle) if settings["prompt_format"] == "chat" else None)
     done: dict[str, str] = {}
     if "merged" in wanted:
-        resolved = resolve_base_model(base_model or settings["base_model"])
-        log(f"export: merging the adapter into {resolved}")
-        done["merged"] = str(write_merged(resolved, bundle, bundle / "merged", dtype))
+        if not is_complete(bundle / "merged"):
+            resolved = resolve_base_model(base_model or settings["base_model"])
+            log(f"export: merging the adapter into {resolved}")
+            write_merged(resolved, bundle, bundle / "merged", dtype)
+        done["merged"] = str(bundle / "merged")
     if "gguf" in wanted:
-        log(f"export: converting merged/ to GGUF ({', '.join(GGUF_TYPES)}) with convert_hf_to_gguf")
-        done["gguf"] = str(write_gguf(bundle / "merged", bundle / "gguf"))
+        if not is_complete(bundle / "gguf"):
+            log(f"export: converting merged/ to GGUF ({', '.join(GGUF_TYPES)}) with convert_hf_to_gguf")
+            write_gguf(bundle / "merged", bundle / "gguf")
+        done["gguf"] = str(bundle / "gguf")
     if "ollama" in wanted:
         text = render_modelfile(f"./gguf/{gguf_name('f16')}", settings["prompt_format"], settings["decoding"],
                                 settings["system"], _tokenizer(bundle) if settings["prompt_format"] == "chat" else None)

@@ -214,3 +214,36 @@ def test_export_formats_imply_what_they_are_built_from():
     assert parse_formats(" ollama , merged") == ["merged", "gguf", "ollama"]
     with pytest.raises(ExportError, match="'onnx'"):
         parse_formats("merged,onnx")
+
+
+def test_export_command_adds_the_exports_to_the_hub_repo_in_one_commit(tuned_bundle, tmp_path, monkeypatch, capsys):
+    """`python -m flows.export --hub-repo` with the real huggingface_hub client and the Hub-protocol server. The
+    server keeps files in memory, so the bundle travels without its two big weight files (merged safetensors,
+    GGUFs): the paths and the one commit are what is checked here."""
+    import secrets
+
+    import huggingface_hub.constants
+
+    from flows.export import main
+    from tests.hub_server import HubServer
+
+    bundle, _ = tuned_bundle
+    small = tmp_path / "bundle"
+    shutil.copytree(bundle, small, ignore=shutil.ignore_patterns("model.safetensors", "*.gguf"))
+    (small / "Modelfile").unlink()
+    token = "hf_test_" + secrets.token_hex(8)
+    with HubServer(tokens={token: "you"}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", token)
+        assert main(["--adapter", str(small), "--format", "ollama", "--hub-repo", "you/wednesday-adapter"]) == 0
+        repo = hub.repos["you/wednesday-adapter"]
+        head = repo.resolve("main")
+    out = capsys.readouterr()
+    assert f"hub: {hub.url}/you/wednesday-adapter/commit/{head.oid}" in out.out and token not in out.out + out.err
+    assert (small / "Modelfile").is_file()  # the exports that were complete are kept, the Modelfile written
+    assert head.files["Modelfile"] == (small / "Modelfile").read_bytes()
+    assert {"merged/config.json", "merged/generation_config.json", "merged/tokenizer.json"} <= set(head.files)
+    assert not any(name.endswith(".complete") for name in head.files)
+    assert head.summary == "Export Modelfile, merged" and len(repo.commits) == 2  # the repo's first commit + this
