@@ -52,7 +52,7 @@ def parse_formats(text: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------------------
 # merged/
 # ------------------------------------------------------------------------------------------------------------
-def merge_adapter(base_model: str, adapter_dir: str | Path, dtype=None):
+def merge_adapter(base_model: str, adapter_dir: str | Path, dtype=None, revision: str | None = None):
     """The base in `dtype` (fp32 on a CPU, bf16/fp16 on a GPU by default) with the adapter merged in: a plain
     transformers model, no peft layers left."""
     from peft import PeftModel
@@ -60,19 +60,20 @@ def merge_adapter(base_model: str, adapter_dir: str | Path, dtype=None):
 
     from personatune.model import compute_dtype
 
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype or compute_dtype("auto"))
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype or compute_dtype("auto"), revision=revision)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     return merged.eval()
 
 
-def write_merged(base_model: str, bundle: str | Path, out_dir: str | Path, dtype=None) -> Path:
+def write_merged(base_model: str, bundle: str | Path, out_dir: str | Path, dtype=None,
+                 revision: str | None = None) -> Path:
     """merged/: the merged model, the bundle's tokenizer files and its generation_config.json."""
     from personatune.bundle import TOKENIZER_FILES
 
     bundle, out_dir = Path(bundle), Path(out_dir)
     if is_complete(out_dir):
         return out_dir
-    model = merge_adapter(base_model, bundle, dtype)
+    model = merge_adapter(base_model, bundle, dtype, revision)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer_files = [name for name in TOKENIZER_FILES if (bundle / name).is_file()]
@@ -82,7 +83,7 @@ def write_merged(base_model: str, bundle: str | Path, out_dir: str | Path, dtype
         else:
             from transformers import AutoTokenizer
 
-            AutoTokenizer.from_pretrained(base_model).save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(base_model, revision=revision).save_pretrained(tmp)
         if (bundle / GENERATION_CONFIG).is_file():  # the decoding the evaluation measured, not the base's defaults
             shutil.copy2(bundle / GENERATION_CONFIG, tmp / GENERATION_CONFIG)
     return out_dir
@@ -191,7 +192,7 @@ def bundle_settings(bundle: str | Path) -> dict:
     rows_file = bundle / "data_rows.json"
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
     instructions = Counter(r["instruction"].strip() for r in rows if r.get("instruction"))
-    return {"base_model": base, "prompt_format": config.get("prompt_format", "scaffold"),
+    return {"base_model": base, "base_revision": config.get("base_revision") or None, "prompt_format": config.get("prompt_format", "scaffold"),
             "decoding": load_decoding(bundle), "system": instructions.most_common(1)[0][0] if instructions else None}
 
 
@@ -210,7 +211,7 @@ def export_bundle(bundle: str | Path, formats: str | list[str], base_model: str 
         if not is_complete(bundle / "merged"):
             resolved = resolve_base_model(base_model or settings["base_model"])
             log(f"export: merging the adapter into {resolved}")
-            write_merged(resolved, bundle, bundle / "merged", dtype)
+            write_merged(resolved, bundle, bundle / "merged", dtype, settings["base_revision"])
         done["merged"] = str(bundle / "merged")
     if "gguf" in wanted:
         if not is_complete(bundle / "gguf"):
