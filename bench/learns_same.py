@@ -12,7 +12,6 @@ fast half precision). Usage: python bench/learns_same.py [--epochs 1] [--out ben
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile

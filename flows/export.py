@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import transformers
 
-    from personatune.export import ExportError, export_bundle, parse_formats
+    from personatune.export import export_bundle, parse_formats
     from personatune.hub import HubError
 
     transformers.utils.logging.disable_progress_bar()

@@ -8,7 +8,6 @@ read inside the task, never passed as a parameter, and never logged.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
