@@ -27,14 +27,14 @@ def tuned_bundle(tmp_path_factory, base_model_dir, tokenizer):
     from personatune.export import export_bundle
     from personatune.model import build_model
     from personatune.tokenization import tokenize_dataset
-    from personatune.train import train_adapter
+    from personatune.train import run_training
 
     work = tmp_path_factory.mktemp("export")
     cfg = FinetuneConfig(quotes_csv=str(QUOTES), max_steps=8, micro_batch_size=4, grad_accum=1, compute_dtype="fp32")
     ds = build_dataset(QUOTES, cfg.eval_fraction, work / "dataset")
     tokenized = tokenize_dataset(ds, tokenizer, cfg.max_seq_len, cfg.on_long_row, work / "tokens")
     init = build_model(base_model_dir, cfg, work / "init")
-    adapter = train_adapter(cfg, base_model_dir, init / "adapter", tokenized, work / "adapter")
+    adapter = run_training(cfg, base_model_dir, init / "adapter", tokenized, work / "adapter")
     bundle = work / "bundle"
     shutil.copytree(adapter, bundle)
     (bundle / "training_config.json").write_text(json.dumps({"config": cfg.to_dict()}))
