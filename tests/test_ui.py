@@ -60,6 +60,35 @@ def open_run_menu(page, stack) -> None:
     page.get_by_role("button", name="Run", exact=True).click()
 
 
+def submit_run_form(page, attempts: int = 3) -> dict:
+    """Click the run form's Submit and return the flow run the UI's create request got back.
+
+    On a loaded 2-core box (a Quick run training on both cores) the form can still be settling when the
+    click lands, and such a click sends nothing (seen once in CI: no request, no run). A click that sent its
+    request is never repeated, so a slow server cannot turn one Submit into two runs; one that sent nothing
+    within a minute is repeated, at most `attempts` times, and the failure lists every request the page made.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(f"{r.method} {r.url}"))
+    creates = lambda r: r.request.method == "POST" and r.url.endswith("/create_flow_run")  # noqa: E731
+    for _ in range(attempts):
+        try:
+            with page.expect_response(creates, timeout=60_000) as answer:
+                page.get_by_role("button", name="Submit", exact=True).click()
+        except PlaywrightTimeout:
+            if any(line.endswith("/create_flow_run") for line in sent):  # sent but unanswered: never click twice
+                break
+            print(f"\n[ui] a Submit click sent no create_flow_run request within 60 s; clicking again")
+            continue
+        response = answer.value
+        assert response.status == 201, f"create_flow_run answered {response.status}: {response.text()[:2000]}"
+        return response.json()
+    raise AssertionError(f"Submit created no flow run after {attempts} clicks at {page.url}; requests made:\n"
+                         + "\n".join(sent[-40:]))
+
+
 def test_run_button_quick_and_custom_runs(stack, page):
     known = {r["id"] for r in stack.runs_of(FINETUNE)}
     defaults = stack.deployment(FINETUNE)["parameters"]
@@ -77,8 +106,9 @@ def test_run_button_quick_and_custom_runs(stack, page):
     field = page.locator(".schema-form-property").filter(
         has=page.locator(".schema-form-property__label", has_text=re.compile(r"^run_name\b")))
     field.locator("input, textarea").first.fill(CUSTOM_RUN_NAME)
-    page.get_by_role("button", name="Submit", exact=True).click()
-    custom = stack.wait_new_run(FINETUNE, known, timeout=120)  # a loaded 2-core box can take a while
+    created = submit_run_form(page)
+    custom = stack.wait_new_run(FINETUNE, known, timeout=60)
+    assert custom["id"] == created["id"]
 
     quick, custom = stack.wait(quick["id"]), stack.wait(custom["id"])
     for run in (quick, custom):
