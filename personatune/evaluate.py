@@ -18,7 +18,7 @@ import torch
 from personatune.config import FinetuneConfig
 from personatune.files import atomic_dir, is_complete
 from personatune.decoding import Decoding, generation_config
-from personatune.metrics import loops, paired_similarity, reply_stats
+from personatune.metrics import distinct_n, loops, paired_similarity, reply_stats
 from personatune.prompt import cut_reply, prompt_format_of, stop_strings
 from personatune.tokenization import (IGNORE_INDEX, encode_prompt, generation_eos, load_tokenized, load_tokenizer,
                                       stop_token_ids)
@@ -208,30 +208,53 @@ def reference_loss(model, tok, rows: list[dict], prompt_format: str = "scaffold"
     return mean_loss(model, data, tok)
 
 
+SAMPLE_SEED_STRIDE = 1000  # reply sample j of a set is seeded seed + 1000 j (+ the batch's first index)
+
+
 def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, similarity: bool = True,
-                seed: int = 0, prompt_format: str = "scaffold") -> dict:
-    """Loss on the references, replies, and reply metrics of one model on each evaluation set."""
-    scores: dict = {"decoding": decoding.to_dict(), "sets": {}}
-    all_sims, all_gens = [], []
+                seed: int = 0, prompt_format: str = "scaffold", reply_samples: int = 1) -> dict:
+    """Loss on the references, replies, and reply metrics of one model on each evaluation set.
+
+    A sampling decoding with reply_samples = k > 1 answers every prompt k times (seeded, so reproducible): a prompt's
+    similarity is the mean over its k replies, loop and run-on rates count all of them, and distinct-2 is the mean
+    over the k reply sets (each one reply per prompt, so it compares with a greedy set). Greedy answers once.
+    Sample 0 is the single-sample evaluation's reply, and the one shown in reports.
+    """
+    k = reply_samples if decoding.sampling else 1
+    scores: dict = {"decoding": decoding.to_dict(), "reply_samples": k, "sets": {}}
+    all_sims, all_gens, by_sample = [], [], [[] for _ in range(k)]
     for name, rows in sets.items():
         if not rows:
             continue
-        gens = generate_replies(model, tok, [(r["instruction"], r["user"]) for r in rows], decoding=decoding, seed=seed,
-                                prompt_format=prompt_format)
-        sims = paired_similarity([g["reply"] for g in gens], [r["reference"] for r in rows]) if similarity else [None] * len(rows)
+        prompts, refs = [(r["instruction"], r["user"]) for r in rows], [r["reference"] for r in rows]
+        runs = [generate_replies(model, tok, prompts, decoding=decoding, seed=seed + j * SAMPLE_SEED_STRIDE,
+                                 prompt_format=prompt_format) for j in range(k)]
+        sims = ([paired_similarity([g["reply"] for g in gens], refs) for gens in runs] if similarity
+                else [[None] * len(rows)] * k)
+        per_prompt = [_mean(list(s)) if similarity else None for s in zip(*sims)]
+        gens = [g for run in runs for g in run]
+        stats = reply_stats(gens)
+        stats.update(distinct_1=_mean([distinct_n([g["reply"] for g in run], 1) for run in runs]),
+                     distinct_2=_mean([distinct_n([g["reply"] for g in run], 2) for run in runs]))
         scores["sets"][name] = {
             "loss": reference_loss(model, tok, rows, prompt_format),
-            "similarity": _mean(sims) if similarity else None,
-            **reply_stats(gens),
-            "replies": [{"user": r["user"], "reply": g["reply"], "ended_by": g["ended_by"], "loops": loops(g),
-                         "similarity": s} for r, g, s in zip(rows, gens, sims)],
+            "similarity": _mean(per_prompt) if similarity else None,
+            **stats,
+            "replies": [{"user": r["user"], "reply": g["reply"], "ended_by": g["ended_by"],
+                         "loops": any(loops(run[i]) for run in runs), "similarity": s,
+                         **({"samples": [run[i]["reply"] for run in runs]} if k > 1 else {})}
+                        for i, (r, g, s) in enumerate(zip(rows, runs[0], per_prompt))],
         }
-        all_sims += sims
+        all_sims += per_prompt
         all_gens += gens
+        for j, run in enumerate(runs):
+            by_sample[j] += run
     overall = reply_stats(all_gens)
     scores.update(persona_similarity=_mean(all_sims) if similarity and all_sims else None,
                   golden_loss=scores["sets"].get("golden", {}).get("loss"),
-                  run_on_rate=overall["run_on_rate"], loop_rate=overall["loop_rate"], distinct_2=overall["distinct_2"])
+                  run_on_rate=overall["run_on_rate"], loop_rate=overall["loop_rate"],
+                  distinct_2=_mean([distinct_n([g["reply"] for g in run], 2) for run in by_sample]) if all_gens
+                  else overall["distinct_2"])
     return scores
 
 
@@ -251,7 +274,7 @@ def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | 
     # a champion bundle is prompted as it was trained (the challenger's stage folder and the base: as configured)
     prompt_format = prompt_format_of(adapter_dir, cfg.prompt_format) if adapter_dir else cfg.prompt_format
     scores = score_model(model, tok, eval_sets(cfg), Decoding.from_config(cfg), cfg.persona_similarity, cfg.seed,
-                         prompt_format)
+                         prompt_format, cfg.reply_samples)
     scores["adapter"] = str(adapter_dir) if adapter_dir else None
     with atomic_dir(out_dir) as tmp:
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")

@@ -41,6 +41,7 @@ def test_scores_are_keyed_by_the_adapter_content_and_the_decoding():
     assert stage_key("score", {**params, "adapter_sha256": "bb"}) != key
     assert stage_key("score", {**params, "eval_sha256": {"golden": "h"}}) != key
     assert stage_key("score", {**params, "config": {**config, "repetition_penalty": 1.2}}) != key
+    assert stage_key("score", {**params, "config": {**config, "reply_samples": 3}}) != key  # replies averaged
     assert stage_key("score", {**params, "config": {**config, "learning_rate": 9}}) == key  # training settings
     train = {"config": config, "dataset_dir": "d"}
     for setting in ("neftune_noise_alpha", "eval_every_steps", "early_stopping_patience"):

@@ -60,3 +60,38 @@ def test_chat_uses_the_bundle_decoding_unless_overridden(tmp_path, tokenizer):
     assert decoding_for(parse_args([]), tmp_path) == Decoding(96, 1.1, 0)
     assert decoding_for(parse_args(["--temperature", "0.7", "--top-p", "0.9"]), tmp_path) == Decoding(96, 1.1, 0, 0.7, 0.9)
     assert decoding_for(parse_args(["--repetition-penalty", "1.0"]), tmp_path).repetition_penalty == 1.0
+
+
+def test_several_sampled_replies_per_prompt_are_averaged(base_model_dir, tokenizer):
+    """reply_samples = 3: every prompt answered three times (sample 0 is the one-sample evaluation's reply), the
+    prompt's similarity is the mean of its three, distinct-2 the mean over the three reply sets, loop and run-on
+    rates over all nine replies. Greedy answers once whatever reply_samples says."""
+    from personatune.evaluate import SAMPLE_SEED_STRIDE, generate_replies, score_model
+    from personatune.metrics import distinct_n, paired_similarity, reply_stats
+    from personatune.model import dequantize_frozen_base, load_base_model
+
+    model = load_base_model(base_model_dir, FinetuneConfig())
+    dequantize_frozen_base(model)
+    rows = [{"instruction": i, "user": u, "reference": "Only if it rains on the funeral."} for i, u in PROMPTS]
+    sampled = Decoding(16, 1.1, 0, 0.9, 0.95)
+    one = score_model(model, tokenizer, {"probes": rows}, sampled, seed=5)["sets"]["probes"]
+    three_card = score_model(model, tokenizer, {"probes": rows}, sampled, seed=5, reply_samples=3)
+    three = three_card["sets"]["probes"]
+
+    runs = [generate_replies(model, tokenizer, PROMPTS, sampled, seed=5 + j * SAMPLE_SEED_STRIDE) for j in range(3)]
+    samples = [[g["reply"] for g in run] for run in runs]
+    assert [r["samples"] for r in three["replies"]] == [list(s) for s in zip(*samples)]
+    assert [r["reply"] for r in three["replies"]] == [r["reply"] for r in one["replies"]] == samples[0]
+    assert len({tuple(s) for s in samples}) > 1  # the seeds differ, so do the replies
+    sims = [paired_similarity(s, [r["reference"] for r in rows]) for s in samples]
+    assert [r["similarity"] for r in three["replies"]] == pytest.approx([sum(x) / 3 for x in zip(*sims)], abs=1e-5)
+    assert three["similarity"] == pytest.approx(sum(map(sum, sims)) / 9, abs=1e-5)
+    assert three["distinct_2"] == pytest.approx(sum(distinct_n(s, 2) for s in samples) / 3)
+    every = reply_stats([g for run in runs for g in run])
+    assert (three["loop_rate"], three["run_on_rate"]) == (every["loop_rate"], every["run_on_rate"])
+    assert three_card["reply_samples"] == 3 and three_card["distinct_2"] == three["distinct_2"]
+
+    greedy = score_model(model, tokenizer, {"probes": rows}, Decoding(16, 1.1), seed=5, reply_samples=3)
+    assert greedy["reply_samples"] == 1 and "samples" not in greedy["sets"]["probes"]["replies"][0]
+    with pytest.raises(ConfigError, match="reply_samples must be >= 1"):
+        FinetuneConfig(reply_samples=0)
