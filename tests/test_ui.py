@@ -60,33 +60,40 @@ def open_run_menu(page, stack) -> None:
     page.get_by_role("button", name="Run", exact=True).click()
 
 
-def submit_run_form(page, attempts: int = 3) -> dict:
-    """Click the run form's Submit and return the flow run the UI's create request got back.
+def create_run_by_clicking(page, click, attempts: int = 1) -> dict:
+    """`click()` a button that creates a flow run; return the run the UI's create_flow_run request got back.
 
-    On a loaded 2-core box (a Quick run training on both cores) the form can still be settling when the
-    click lands, and such a click sends nothing (seen once in CI: no request, no run). A click that sent its
-    request is never repeated, so a slow server cannot turn one Submit into two runs; one that sent nothing
-    within a minute is repeated, at most `attempts` times, and the failure lists every request the page made.
+    On a loaded 2-core box (a Quick run training on both cores) the run form can still be settling when Submit
+    is clicked, and such a click sends nothing (seen once in CI: no request, no run). A click that sent its
+    request is never repeated (its answer is awaited, however slow), so one Submit never makes two runs; one
+    that sent nothing within a minute is repeated, at most `attempts` times, and the failure lists every
+    request the page made.
     """
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     sent: list[str] = []
-    page.on("request", lambda r: sent.append(f"{r.method} {r.url}"))
-    creates = lambda r: r.request.method == "POST" and r.url.endswith("/create_flow_run")  # noqa: E731
-    for _ in range(attempts):
-        try:
-            with page.expect_response(creates, timeout=60_000) as answer:
-                page.get_by_role("button", name="Submit", exact=True).click()
-        except PlaywrightTimeout:
-            if any(line.endswith("/create_flow_run") for line in sent):  # sent but unanswered: never click twice
-                break
-            print(f"\n[ui] a Submit click sent no create_flow_run request within 60 s; clicking again")
-            continue
-        response = answer.value
-        assert response.status == 201, f"create_flow_run answered {response.status}: {response.text()[:2000]}"
-        return response.json()
-    raise AssertionError(f"Submit created no flow run after {attempts} clicks at {page.url}; requests made:\n"
-                         + "\n".join(sent[-40:]))
+
+    def record(r) -> None:
+        sent.append(f"{r.method} {r.url}")
+
+    page.on("request", record)
+    creates = lambda r: r.method == "POST" and r.url.endswith("/create_flow_run")  # noqa: E731
+    try:
+        for attempt in range(1, attempts + 1):
+            try:
+                with page.expect_request(creates, timeout=60_000) as request:
+                    click()
+            except PlaywrightTimeout:
+                print(f"\n[ui] click {attempt} sent no create_flow_run request within 60 s")
+                continue
+            response = request.value.response()  # the server's answer, however long it takes
+            assert response is not None, f"create_flow_run failed: {request.value.failure}"
+            assert response.status == 201, f"create_flow_run answered {response.status}: {response.text()[:2000]}"
+            return response.json()
+        raise AssertionError(f"no flow run created after {attempts} click(s) at {page.url}; requests made:\n"
+                             + "\n".join(sent[-40:]))
+    finally:
+        page.remove_listener("request", record)
 
 
 def test_run_button_quick_and_custom_runs(stack, page):
@@ -95,8 +102,9 @@ def test_run_button_quick_and_custom_runs(stack, page):
 
     # 1. Quick run: the deployment's default parameters
     open_run_menu(page, stack)
-    page.get_by_text("Quick run", exact=True).click()
+    created = create_run_by_clicking(page, page.get_by_text("Quick run", exact=True).click)
     quick = stack.wait_new_run(FINETUNE, known, timeout=60)
+    assert quick["id"] == created["id"]
     known.add(quick["id"])
 
     # 2. Custom run: the run form, one parameter changed (the bundle's folder name), submitted
@@ -106,7 +114,7 @@ def test_run_button_quick_and_custom_runs(stack, page):
     field = page.locator(".schema-form-property").filter(
         has=page.locator(".schema-form-property__label", has_text=re.compile(r"^run_name\b")))
     field.locator("input, textarea").first.fill(CUSTOM_RUN_NAME)
-    created = submit_run_form(page)
+    created = create_run_by_clicking(page, page.get_by_role("button", name="Submit", exact=True).click, attempts=3)
     custom = stack.wait_new_run(FINETUNE, known, timeout=60)
     assert custom["id"] == created["id"]
 
