@@ -81,7 +81,7 @@ def test_sigkill_after_a_checkpoint_resumes_and_finishes(tmp_path, small_csv):
 
 def test_two_concurrent_runs_finish_in_separate_folders(tmp_path, small_csv):
     out = tmp_path / "outputs"
-    env = env_for(tmp_path)
+    env = {**env_for(tmp_path), "OMP_NUM_THREADS": "1"}  # a core each: two 2-thread runs on 2 cores thrash
     runs = [subprocess.Popen(finetune_cmd(small_csv, out, "--max-steps", "2", "--seed", str(seed), "--run-name", f"seed{seed}"),
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for seed in (1, 2)]
