@@ -366,6 +366,7 @@ def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path
         "golden_rows": len(challenger["sets"].get("golden", {"replies": []})["replies"]),
         "probe_prompts": len(probes),
         "decoding": Decoding.from_config(cfg).to_dict(),
+        "reply_samples": challenger.get("reply_samples", 1),
         "run_on_rate_eos_only": reply_stats(eos_only)["run_on_rate"] if eos_only else None,
         "training": _training_summary(Path(adapter_dir) / "history.json"),
         "samples": [{"user": c["user"], "reference": references.get(c["user"]), "tuned": c["reply"],
@@ -487,6 +488,10 @@ def render_report(result: dict, cfg: FinetuneConfig) -> str:
         *metric_table(result),
         "",
         f"Decoding: {Decoding(**dec).describe()} (generation_config.json). "
+        + (f"Each prompt was answered {result['reply_samples']} times (seeds {cfg.seed}, {cfg.seed} + "
+           f"{SAMPLE_SEED_STRIDE}, ...): similarities and wins are per-prompt means, distinct-2 the mean over the "
+           f"reply sets, loop and run-on rates count every reply; the replies shown are the first. "
+           if result.get("reply_samples", 1) > 1 else "")
         + (f"With EOS as the only stop (the seed's setting) the challenger ran on in "
            f"{result['run_on_rate_eos_only']:.1%} of {min(EOS_ONLY_PROMPTS, result['golden_rows'])} golden prompts."
            if result["run_on_rate_eos_only"] is not None else ""),
