@@ -74,28 +74,59 @@ def stage_times(lines: list[str], started: float) -> dict:
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def run_flow(model_dir: Path, work: Path, cap: float | None, epochs: float, timeout: int) -> dict:
-    name = f"cap{cap:g}" if cap else "uncapped"
+def gpu_memory_used() -> dict[str, int]:
+    """MiB in use on each GPU of the host (nvidia-smi; all of them, whatever CUDA_VISIBLE_DEVICES says)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {i.strip(): int(m) for i, m in (line.split(",") for line in out.splitlines() if "," in line)}
+
+
+def run_flow(model_dir: Path, work: Path, cap: float | None, epochs: float, timeout: int, num_gpus: int = 1,
+             devices: str | None = "0", quotes_csv: Path | None = None) -> dict:
+    """One `python -m flows.finetune`. devices: CUDA_VISIBLE_DEVICES for the process (None: unset, the flow pins
+    the GPUs itself). While it runs, nvidia-smi is read every 2 s: the peak memory each GPU of the host held
+    beyond what it held before the run shows which GPUs the run used."""
+    name = (f"cap{cap:g}" if cap else "uncapped") + (f"-{num_gpus}gpu" if num_gpus != 1 else "")
     out_dir, home = work / name / "outputs", work / name / "prefect"
     home.mkdir(parents=True, exist_ok=True)  # Prefect does not create its home (its SQLite file would fail to open)
     cmd = [sys.executable, "-m", "flows.finetune", "--base-model", str(model_dir), "--no-persona-similarity",
-           "--epochs", str(epochs), "--output-dir", str(out_dir), "--num-gpus", "1"]
+           "--epochs", str(epochs), "--output-dir", str(out_dir), "--num-gpus", str(num_gpus)]
+    if quotes_csv:
+        cmd += ["--quotes-csv", str(quotes_csv)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           "CUDA_VISIBLE_DEVICES": "0", "PREFECT_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
+           "PREFECT_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
            "PREFECT_API_URL": "", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
     env.pop("PERSONATUNE_GPU_MEMORY_GIB", None)
     if cap:
         env["PERSONATUNE_GPU_MEMORY_GIB"] = f"{cap:g}"
+    before, peak = gpu_memory_used(), {}
     started = time.time()
-    try:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        rc, text = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, text = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+    with open(work / f"{name}.log", "w+") as log:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        while p.poll() is None and time.time() - started < timeout:
+            for gpu, used in gpu_memory_used().items():
+                peak[gpu] = max(peak.get(gpu, 0), used - before.get(gpu, 0))
+            time.sleep(2)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+            rc = "timeout"
+        else:
+            rc = p.returncode
+        log.seek(0)
+        text = log.read()
     wall = time.time() - started
     lines = text.splitlines()
-    return {"name": name, "cap_gib": cap, "command": " ".join(cmd), "env": {k: env[k] for k in (
+    return {"name": name, "cap_gib": cap, "num_gpus": num_gpus, "command": " ".join(cmd), "env": {k: env[k] for k in (
                 "CUDA_VISIBLE_DEVICES", "PERSONATUNE_GPU_MEMORY_GIB") if k in env},
+            "gpu_mib_peak_over_before": peak, "gpus_used": sorted(g for g, m in peak.items() if m > 1024),
+            "train_steps": [l.strip() for l in lines if "Training layout: " not in l and "'train_runtime'" in l][-1:],
             "returncode": rc, "ok": rc == 0, "process_s": round(wall, 2), "stages_s": stage_times(lines, started),
             "layouts": [l.split("Training layout: ", 1)[1] for l in lines if "Training layout: " in l],
             "oom_retries": [l for l in lines if "CUDA out of memory with" in l],
@@ -123,6 +154,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per flow run")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--out", default=os.environ.get("OUT", ""), help="also write the raw JSON here (default $OUT)")
+    ap.add_argument("--num-gpus", type=int, default=1, help="the flow's --num-gpus")
+    ap.add_argument("--devices", default="0",
+                    help="CUDA_VISIBLE_DEVICES of the flow process; 'unset' leaves it unset (the flow pins GPUs itself)")
+    ap.add_argument("--csv-repeat", type=int, default=1,
+                    help="train on data/quotes.csv repeated this many times (copy k's user text ends in ' (k)')")
+    ap.add_argument("--tag", default="", help="added to the result file's name (runs in parallel on other GPUs)")
     args = ap.parse_args()
 
     import torch
@@ -138,25 +175,43 @@ def main() -> None:
               "model": "Llama-2-7B-shaped, random weights (bench/bench.py build_shaped_model)", "built": built,
               "epochs": args.epochs, "runs": []}
     del torch
-    name = f"flow_gpu_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    quotes = repeated_csv(ROOT / "data" / "quotes.csv", work / f"quotes_x{args.csv_repeat}.csv", args.csv_repeat)
+    record.update(num_gpus=args.num_gpus, devices=args.devices, csv_repeat=args.csv_repeat, host_gpus=gpu_memory_used())
+    name = f"flow_gpu_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}{('_' + args.tag) if args.tag else ''}.json"
     for run in range(args.runs):
         for cap in caps:
             import shutil
 
-            shutil.rmtree(work / (f"cap{cap:g}" if cap else "uncapped"), ignore_errors=True)  # no cache between runs
-            r = run_flow(model_dir, work, cap, args.epochs, args.timeout)
+            run_name = (f"cap{cap:g}" if cap else "uncapped") + (f"-{args.num_gpus}gpu" if args.num_gpus != 1 else "")
+            shutil.rmtree(work / run_name, ignore_errors=True)  # no cache between runs
+            r = run_flow(model_dir, work, cap, args.epochs, args.timeout, args.num_gpus,
+                         None if args.devices == "unset" else args.devices, quotes)
             r["run"] = run + 1
             record["runs"].append(r)
             print(f"{r['name']} (run {run + 1}): {'ok' if r['ok'] else 'FAILED'} in {r['process_s']:.0f} s, "
-                  f"stages {r['stages_s']}, OOM retries {len(r['oom_retries'])}", flush=True)
+                  f"stages {r['stages_s']}, OOM retries {len(r['oom_retries'])}, GPUs used {r['gpus_used']} "
+                  f"(MiB over idle: {r['gpu_mib_peak_over_before']}), layouts {r['layouts']}", flush=True)
             if not r["ok"]:
                 print("\n".join(r["tail"][-15:]), flush=True)
             save(record, args, name)
-    record["table"] = text = (f"### Whole flow on one {record['card']}, {record['date']} (`bench/flow_gpu.py`)\n\n"
+    record["table"] = text = (f"### Whole flow on {args.num_gpus} x {record['card']}, {record['date']} (`bench/flow_gpu.py`)\n\n"
             + table(record["runs"]))
     print("\n" + text)
     for path in save(record, args, name):
         print(f"raw results: {path}")
+
+
+def repeated_csv(source: Path, target: Path, times: int) -> Path | None:
+    """`source` repeated `times` times as one CSV (None for 1: the shipped file). Copy k > 0 of each row has ' (k)'
+    after its user text, so no row duplicates another (the validator rejects duplicates)."""
+    if times <= 1:
+        return None
+    import pandas as pd
+
+    df = pd.read_csv(source, dtype=str, keep_default_na=False)
+    copies = [df] + [df.assign(user=df["user"] + f" ({k})") for k in range(1, times)]
+    pd.concat(copies, ignore_index=True).to_csv(target, index=False)
+    return target
 
 
 def save(record: dict, args, name: str) -> list[Path]:

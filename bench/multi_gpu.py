@@ -24,6 +24,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +47,8 @@ def rank_main(args) -> None:
     settings = json.loads(args.ddp or "{}")  # the variant's DDP settings
     rank = int(os.environ.get("RANK", 0))
     kept = Path(args.dir) / "runs" / f"{args.name}.rank{rank}" / "adapter"  # ranks > 0 keep their history here
+    # a complete folder from an earlier run in the same --dir would be taken as done, and the rank would not train
+    shutil.rmtree(kept.parent, ignore_errors=True)
     single.variant(argparse.Namespace(name=args.name, variant="gpu", dir=args.dir, steps=args.steps, warmup=args.warmup),
                    train=functools.partial(train_on_rank, rank_adapter_dir=kept),
                    plan_over={"logging_steps": settings["logging_steps"]} if "logging_steps" in settings else None,

@@ -177,6 +177,8 @@ def flow_gpu_records() -> str:
     rows = []
     for path in sorted(RESULTS.glob("flow_gpu_*.json")):
         record = json.loads(path.read_text(encoding="utf-8"))
+        if "devices" in record:
+            continue  # the later format: flow_gpu_cards
         for r in record["runs"]:
             error = next((l.strip()[:110] for l in reversed(r["tail"]) if "fine-tune failed" in l), "")
             result = "ok" if r["ok"] else ("stopped at the per-run limit" if r["returncode"] == "timeout"
@@ -187,10 +189,74 @@ def flow_gpu_records() -> str:
     return markdown(["record", "card", "process s", "train s", "OOM retries", "result"], rows)
 
 
+def short_layout(layout: str) -> str:
+    """'16 x 1, ckpt 30/32, 4-bit' from a Training layout line."""
+    import re
+
+    batch = re.search(r"(\d+) examples x (\d+) accumulation", layout)
+    ckpt = re.search(r"checkpointing (off|\d+/\d+)", layout)
+    frozen = "dequantized" if "frozen weights dequantized" in layout else "4-bit"
+    return f"{batch.group(1)} x {batch.group(2)}, ckpt {ckpt.group(1)}, {frozen}" if batch and ckpt else layout[:40]
+
+
+def flow_gpu_cards() -> str:
+    """`bench/flow_gpu.py` records with the GPUs they ran on (the format since 2026-11-29 13:00): per run, the card
+    size (cap), the stages' seconds, the Trainer's own train_runtime, the out-of-memory retries and the layouts
+    (the plan's, then each back-off's)."""
+    import re
+
+    rows = []
+    for path in sorted(RESULTS.glob("flow_gpu_*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if "devices" not in record:
+            continue
+        for r in record["runs"]:
+            s = r["stages_s"]
+            runtime = next((m.group(1) for t in r.get("train_steps", [])
+                            for m in [re.search(r"'train_runtime': '([\d.]+)'", t)] if m), None)
+            result = "ok" if r["ok"] else ("stopped at the per-run limit" if r["returncode"] == "timeout"
+                                           else f"failed ({r['returncode']})")
+            gpus = f"{r.get('num_gpus', 1)} ({'flow pins' if record['devices'] == 'unset' else 'GPU ' + record['devices']})"
+            layouts = [short_layout(l) for l in r["layouts"]]
+            rows.append([path.stem.removeprefix("flow_gpu_"), f"{r['cap_gib']:g} GiB" if r["cap_gib"] else "uncapped",
+                         gpus, result, f"{r['process_s']:.0f}"]
+                        + [f"{s[k]:.1f}" if k in s else "-" for k in ("start-up", "train")]
+                        + [runtime or "-"] + [f"{s[k]:.1f}" if k in s else "-" for k in ("score", "evaluate")]
+                        + [str(len(r["oom_retries"])), " -> ".join(dict.fromkeys(layouts))])
+    return markdown(["record", "card", "GPUs", "result", "process s", "start-up s", "train stage s",
+                     "train_runtime s", "score s", "evaluate s", "OOM retries", "layout (plan -> back-off)"], rows)
+
+
+def multi_gpu_logs(folder: str = "h200x2_multi_gpu_20261129") -> str:
+    """`bench/multi_gpu.py run` runs whose JSON was never written, read from their kept output (mg<run>.log): the
+    lines "1 GPU (...): <tok/s> tok/s, step <s> s, losses [...]" and "2 GPUs (...): ..."; a run whose N-GPU part
+    printed no such line is shown as failed."""
+    import re
+
+    line = re.compile(r"^(\d+) GPUs? \(\d+ s\): (\d+) tok/s, step ([\d.]+) s, losses \[([^\]]*)\]")
+    rows = []
+    for log in sorted((RESULTS / folder).glob("mg*.log")):
+        run = log.stem.removeprefix("mg")
+        found = {}
+        for text in log.read_text(encoding="utf-8").splitlines():
+            m = line.match(text)
+            if m:
+                found[int(m.group(1))] = (float(m.group(2)), float(m.group(3)), [float(x) for x in m.group(4).split(",")])
+        for n in (1, 2):
+            if n not in found:
+                rows.append([run, str(n), "failed (see below)", "-", "-", "-"])
+                continue
+            tok_s, step_s, losses = found[n]
+            rows.append([run, str(n), f"{tok_s:,.0f}", f"{tok_s / found[1][0]:.2f}", f"{step_s:.3f}",
+                         f"{losses[0]:.3f} -> {losses[-1]:.3f}"])
+    return markdown(["run", "GPUs", "real tokens/s", "x 1 GPU", "s / step", "loss step 1 -> 15"], rows)
+
+
 # block name -> function printing it: one table per run file (named as the file), and the targets judged on them
 TABLES = {**{name: (lambda name=name: run_table(name)) for name in _run_files()},
           "bench_targets": bench_targets, "multi_gpu_targets": multi_gpu_targets, "flow_h200": flow_runs,
-          "flow_gpu_records": flow_gpu_records}
+          "flow_gpu_records": flow_gpu_records, "flow_gpu_cards": flow_gpu_cards,
+          "multi_gpu_logs": multi_gpu_logs}
 
 
 def _segments(text: str) -> list[tuple[str | None, str]]:
