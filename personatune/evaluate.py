@@ -233,9 +233,7 @@ def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, sim
                 else [[None] * len(rows)] * k)
         per_prompt = [_mean(list(s)) if similarity else None for s in zip(*sims)]
         gens = [g for run in runs for g in run]
-        stats = reply_stats(gens)
-        stats.update(distinct_1=_mean([distinct_n([g["reply"] for g in run], 1) for run in runs]),
-                     distinct_2=_mean([distinct_n([g["reply"] for g in run], 2) for run in runs]))
+        stats = {**reply_stats(gens), "distinct_1": mean_distinct(runs, 1), "distinct_2": mean_distinct(runs, 2)}
         scores["sets"][name] = {
             "loss": reference_loss(model, tok, rows, prompt_format),
             "similarity": _mean(per_prompt) if similarity else None,
@@ -253,9 +251,14 @@ def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, sim
     scores.update(persona_similarity=_mean(all_sims) if similarity and all_sims else None,
                   golden_loss=scores["sets"].get("golden", {}).get("loss"),
                   run_on_rate=overall["run_on_rate"], loop_rate=overall["loop_rate"],
-                  distinct_2=_mean([distinct_n([g["reply"] for g in run], 2) for run in by_sample]) if all_gens
-                  else overall["distinct_2"])
+                  distinct_2=mean_distinct(by_sample, 2) if all_gens else 0.0)
     return scores
+
+
+def mean_distinct(runs: list[list[dict]], n: int) -> float:
+    """Distinct-n of each reply set (one reply per prompt), averaged over the sets: k sampled sets compare with
+    one greedy set, where pooling them would count the same prompt's replies against each other."""
+    return _mean([distinct_n([g["reply"] for g in run], n) for run in runs])
 
 
 def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | None, out_dir: str | Path) -> Path:

@@ -63,14 +63,13 @@ def run_on(generation: dict) -> bool:
 
 
 def reply_stats(generations: list[dict]) -> dict:
-    replies = [g["reply"] for g in generations]
-    words = [len(r.split()) for r in replies]
+    """Rates and lengths over the replies. Distinct-n is not here: it depends on how replies group into sets
+    (personatune.evaluate.mean_distinct)."""
+    words = [len(g["reply"].split()) for g in generations]
     return {
         "replies": len(generations),
         "run_on_rate": sum(run_on(g) for g in generations) / max(len(generations), 1),
         "loop_rate": sum(loops(g) for g in generations) / max(len(generations), 1),
         "mean_words": statistics.fmean(words) if words else 0.0,
         "mean_new_tokens": statistics.fmean(g["new_tokens"] for g in generations) if generations else 0.0,
-        "distinct_1": distinct_n(replies, 1),
-        "distinct_2": distinct_n(replies, 2),
     }

@@ -1,6 +1,8 @@
 """Persona metrics: the similarity ranks the persona above off-persona text; run-on and repetition stats."""
 from __future__ import annotations
 
+import pytest
+
 from personatune.metrics import distinct_n, paired_similarity, reply_stats
 
 
@@ -38,3 +40,14 @@ def test_loops_are_repeated_trigrams_or_the_token_limit():
     assert loops(gen("The rain never stops", ended_by="length"))  # hit the token limit without ending
     stats = reply_stats([gen("No."), gen("it is it is it is it is")])
     assert stats["loop_rate"] == 0.5
+
+
+def test_mean_distinct_averages_reply_sets_instead_of_pooling_them():
+    from personatune.evaluate import mean_distinct
+
+    same_twice = [{"reply": "a b c"}, {"reply": "a b c"}]  # bigrams ab, bc, ab, bc: 2 of 4 distinct
+    varied = [{"reply": "x y"}, {"reply": "z w"}]  # 2 of 2
+    assert mean_distinct([same_twice, varied], 2) == pytest.approx((0.5 + 1.0) / 2)
+    pooled = distinct_n([g["reply"] for g in same_twice + varied], 2)
+    assert pooled == pytest.approx(4 / 6) and pooled != mean_distinct([same_twice, varied], 2)
+    assert mean_distinct([varied], 1) == 1.0
