@@ -130,6 +130,7 @@ def run_flow(model_dir: Path, work: Path, cap: float | None, epochs: float, time
             "returncode": rc, "ok": rc == 0, "process_s": round(wall, 2), "stages_s": stage_times(lines, started),
             "layouts": [l.split("Training layout: ", 1)[1] for l in lines if "Training layout: " in l],
             "oom_retries": [l for l in lines if "CUDA out of memory with" in l],
+            "train_memory": [l.split("Training memory: ", 1)[1] for l in lines if "Training memory: " in l],
             "tail": lines[-40:] if rc != 0 else [l for l in lines if "Verdict:" in l or "Golden loss" in l]}
 
 

@@ -234,7 +234,14 @@ def train_adapter(cfg: FinetuneConfig, plan, resolved: str, init_adapter: str | 
         data_collator=data_collator or collator(tok, plan.packing, varlen=plan.attention == "varlen"),
         processing_class=tok, callbacks=callbacks)
     resume = last_checkpoint(checkpoints)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the training's peak, not the load's
     result = trainer.train(resume_from_checkpoint=resume)
+    memory = training_peak_gib(device, plan)
+    if memory:  # what calibrates the plan's memory model (personatune.plan.estimate_peak_gib)
+        print(f"Training memory: peak {memory['allocated']:.2f} GiB allocated, {memory['reserved']:.2f} GiB reserved "
+              f"(plan estimate {memory['estimated']} GiB)", flush=True)
     history = [
         {"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"], "learning_rate": e.get("learning_rate")}
         for e in trainer.state.log_history if "loss" in e
@@ -258,9 +265,22 @@ def train_adapter(cfg: FinetuneConfig, plan, resolved: str, init_adapter: str | 
             "best_step": int(best.rsplit("-", 1)[1]) if best else None,
             "best_eval_loss": trainer.state.best_metric if best else None,
             "stopped_early": trainer.state.global_step < trainer.state.max_steps,
+            "peak_memory_gib": memory,
         }, indent=2) + "\n")
     shutil.rmtree(checkpoints, ignore_errors=True)
     return adapter_dir
+
+
+def training_peak_gib(device, plan) -> dict | None:
+    """Peak CUDA memory of this process since the last reset (allocated and reserved, GiB) next to the plan's
+    estimate; None off CUDA."""
+    if getattr(device, "type", None) != "cuda":
+        return None
+    from personatune.plan import GIB
+
+    return {"allocated": round(torch.cuda.max_memory_allocated(device) / GIB, 2),
+            "reserved": round(torch.cuda.max_memory_reserved(device) / GIB, 2),
+            "estimated": None if plan.estimated_peak_gib is None else round(plan.estimated_peak_gib, 2)}
 
 
 def is_out_of_memory(error: BaseException) -> bool:

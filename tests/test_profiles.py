@@ -258,6 +258,19 @@ def test_logging_every_few_steps_still_records_every_step_loss(tmp_path, base_mo
         assert abs((steps[step - 1] + steps[step]) / 2 - loss) < 1e-3, (steps, logged)
     assert all(0.5 < v < 15 for v in steps.values()) and len(set(steps.values())) == 4
     assert all(e["learning_rate"] is not None and e["epoch"] > 0 for e in history["loss"])
+    assert history["peak_memory_gib"] is None  # CUDA peaks only (personatune.train.training_peak_gib)
+
+
+def test_training_peak_is_read_on_cuda_only_and_shown_next_to_the_estimate():
+    import torch
+
+    from personatune.train import training_peak_gib
+
+    plan = plan_training(FinetuneConfig(profile="gpu"), LLAMA_7B, LENGTHS, memory_gib=8, cuda=True)
+    assert training_peak_gib(torch.device("cpu"), plan) is None
+    if torch.cuda.is_available():
+        peak = training_peak_gib(torch.device("cuda", 0), plan)
+        assert set(peak) == {"allocated", "reserved", "estimated"} and peak["estimated"] == round(plan.estimated_peak_gib, 2)
 
 
 def test_the_budget_leaves_the_allocators_measured_margin():
