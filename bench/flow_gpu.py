@@ -98,7 +98,9 @@ def run_flow(model_dir: Path, work: Path, cap: float | None, epochs: float, time
         cmd += ["--quotes-csv", str(quotes_csv)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "PREFECT_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
-           "PREFECT_API_URL": "", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)  # the temporary API server, as a fresh `python -m flows.finetune` gets it (an
+    # empty PREFECT_API_URL made Prefect's event worker log "Cannot put items in a stopped service instance" errors)
     env.pop("CUDA_VISIBLE_DEVICES", None)
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
@@ -134,6 +136,34 @@ def run_flow(model_dir: Path, work: Path, cap: float | None, epochs: float, time
             "tail": lines[-40:] if rc != 0 else [l for l in lines if "Verdict:" in l or "Golden loss" in l]}
 
 
+def startup_profile(work: Path) -> dict:
+    """Where the flow's start-up goes on this machine: `python -X importtime -c "import flows.finetune"` (the
+    slowest imports, cumulative) and the temporary Prefect API server's start alone (a fresh Prefect home, so its
+    database is created as in a first run)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    started = time.time()
+    p = subprocess.run([sys.executable, "-X", "importtime", "-c", "import flows.finetune"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    imports_s = time.time() - started
+    rows = []
+    for line in p.stderr.splitlines():
+        parts = line.removeprefix("import time:").split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            rows.append((int(parts[1]) / 1e6, parts[2].rstrip()))
+    home = work / "startup-prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    code = ("import time; t = time.time(); from prefect.server.api.server import SubprocessASGIServer; "
+            "s = SubprocessASGIServer(); s.start(); print(round(time.time() - t, 2)); s.stop()")
+    started = time.time()
+    q = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**env, "PREFECT_HOME": str(home)})
+    return {"import_flows_finetune_s": round(imports_s, 2), "returncode": p.returncode,
+            "slowest_imports_cumulative_s": [(round(t, 2), name) for t, name in sorted(rows, reverse=True)[:25]],
+            "temporary_server_s": q.stdout.strip().splitlines()[-1:] or q.stderr[-500:],
+            "temporary_server_process_s": round(time.time() - started, 2)}
+
+
 def table(results: list[dict]) -> str:
     cols = ("start-up", "validate", "tokenize", "build_model", "train", "score", "evaluate", "publish")
     rows = ["| card | result | process s | " + " | ".join(cols) + " | OOM retries | layout (last) |",
@@ -161,6 +191,8 @@ def main() -> None:
     ap.add_argument("--csv-repeat", type=int, default=1,
                     help="train on data/quotes.csv repeated this many times (copy k's user text ends in ' (k)')")
     ap.add_argument("--tag", default="", help="added to the result file's name (runs in parallel on other GPUs)")
+    ap.add_argument("--startup-profile", action="store_true",
+                    help="first record where start-up goes: slowest imports and the temporary API server alone")
     args = ap.parse_args()
 
     import torch
@@ -179,6 +211,9 @@ def main() -> None:
     quotes = repeated_csv(ROOT / "data" / "quotes.csv", work / f"quotes_x{args.csv_repeat}.csv", args.csv_repeat)
     record.update(num_gpus=args.num_gpus, devices=args.devices, csv_repeat=args.csv_repeat, host_gpus=gpu_memory_used())
     name = f"flow_gpu_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}{('_' + args.tag) if args.tag else ''}.json"
+    if args.startup_profile:
+        record["startup_profile"] = startup_profile(work)
+        print("start-up profile: " + json.dumps(record["startup_profile"], indent=1), flush=True)
     for run in range(args.runs):
         for cap in caps:
             import shutil
