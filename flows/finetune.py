@@ -25,6 +25,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow  # noqa: E402
 from prefect.logging import get_run_logger  # noqa: E402
 
+_temporary_api = None
+if __name__ == "__main__":  # a local run: Prefect's temporary API server boots while the ML libraries import
+    from flows.startup import start_temporary_api
+
+    _temporary_api = start_temporary_api()
+
 from personatune.bundle import default_run_name
 from personatune.config import FinetuneConfig, add_config_arguments, check_paths, config_from_args, from_mapping
 from personatune.files import code_version
@@ -151,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     quiet_loading_bars()
+    if _temporary_api is not None:
+        _temporary_api.join()  # the server answers (or failed to start: then the flow starts it as before)
     try:
         finetune(**cfg.to_dict())
     except Exception as e:  # the flow already logged the traceback; end with the one line that matters
