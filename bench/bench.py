@@ -206,6 +206,17 @@ def setup(args) -> None:
     print("SETUP " + json.dumps(out))
 
 
+def save_result(result: dict, name: str, *folders: str) -> list[Path]:
+    """A bench's raw JSON as `name` into each folder given (bench/results, $OUT); a run writes it again as it adds
+    to it, so a run cut short keeps what it measured."""
+    paths = []
+    for folder in filter(None, folders):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        paths.append(Path(folder) / name)
+        paths[-1].write_text(json.dumps(result, indent=2))
+    return paths
+
+
 def build_shaped_model(model_dir: Path) -> dict:
     """The Llama-2-7B-shaped model with random weights (bf16 safetensors) and the tokenizer that produced the bench
     data (bench/.assets, from `prepare`), saved once into `model_dir`. Also used by bench/flow_gpu.py."""

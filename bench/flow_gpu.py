@@ -229,11 +229,11 @@ def main() -> None:
                   f"(MiB over idle: {r['gpu_mib_peak_over_before']}), layouts {r['layouts']}", flush=True)
             if not r["ok"]:
                 print("\n".join(r["tail"][-15:]), flush=True)
-            save(record, args, name)
+            bench.save_result(record, name, args.results, args.out)
     record["table"] = text = (f"### Whole flow on {args.num_gpus} x {record['card']}, {record['date']} (`bench/flow_gpu.py`)\n\n"
             + table(record["runs"]))
     print("\n" + text)
-    for path in save(record, args, name):
+    for path in bench.save_result(record, name, args.results, args.out):
         print(f"raw results: {path}")
 
 
@@ -248,15 +248,6 @@ def repeated_csv(source: Path, target: Path, times: int) -> Path | None:
     copies = [df] + [df.assign(user=df["user"] + f" ({k})") for k in range(1, times)]
     pd.concat(copies, ignore_index=True).to_csv(target, index=False)
     return target
-
-
-def save(record: dict, args, name: str) -> list[Path]:
-    paths = []
-    for folder in filter(None, (args.results, args.out)):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        paths.append(Path(folder) / name)
-        paths[-1].write_text(json.dumps(record, indent=2))
-    return paths
 
 
 if __name__ == "__main__":

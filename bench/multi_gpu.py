@@ -139,7 +139,7 @@ def run(args) -> None:
     result = {"setup": setup, "one": one, "many": many, "compare": cmp, "speedup": speedup, "gpus": n}
     print("COMPARE " + json.dumps(cmp), flush=True)
     name = f"multi_gpu_{n}gpu_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    save_result(result, name, args)  # now, so a run cut during the launcher check keeps its measurements
+    single.save_result(result, name, args.results, args.out)  # now, so a run cut during the launcher check keeps its measurements
 
     if args.check_launcher:
         t = time.time()
@@ -179,21 +179,11 @@ def run(args) -> None:
     text = header + "\n" + "\n".join(rows) + "\n" + notes
     print("\n" + text)
     result.update(card=card, date=dt.date.today().isoformat(), table=text)
-    for path in save_result(result, name, args):
+    for path in single.save_result(result, name, args.results, args.out):
         print(f"raw results: {path}", flush=True)
     if args.write:
         with open(args.write, "a", encoding="utf-8") as f:
             f.write("\n" + text)
-
-
-def save_result(result: dict, name: str, args) -> list[Path]:
-    """The raw JSON into bench/results (--results) and $OUT (--out); written again as the run adds to it."""
-    paths = []
-    for folder in filter(None, (args.results, args.out)):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        paths.append(Path(folder) / name)
-        paths[-1].write_text(json.dumps(result, indent=2))
-    return paths
 
 
 # variant -> ("1" or "N" GPUs, bench/ddp_variants.py settings and/or a logging interval other than the plan's)
