@@ -84,12 +84,17 @@ def gpu_memory_used() -> dict[str, int]:
     return {i.strip(): int(m) for i, m in (line.split(",") for line in out.splitlines() if "," in line)}
 
 
+def run_name(cap: float | None, num_gpus: int) -> str:
+    """The run's folder under --dir and its name in the record: cap8, uncapped, uncapped-2gpu."""
+    return (f"cap{cap:g}" if cap else "uncapped") + (f"-{num_gpus}gpu" if num_gpus != 1 else "")
+
+
 def run_flow(model_dir: Path, work: Path, cap: float | None, epochs: float, timeout: int, num_gpus: int = 1,
              devices: str | None = "0", quotes_csv: Path | None = None) -> dict:
     """One `python -m flows.finetune`. devices: CUDA_VISIBLE_DEVICES for the process (None: unset, the flow pins
     the GPUs itself). While it runs, nvidia-smi is read every 2 s: the peak memory each GPU of the host held
     beyond what it held before the run shows which GPUs the run used."""
-    name = (f"cap{cap:g}" if cap else "uncapped") + (f"-{num_gpus}gpu" if num_gpus != 1 else "")
+    name = run_name(cap, num_gpus)
     out_dir, home = work / name / "outputs", work / name / "prefect"
     home.mkdir(parents=True, exist_ok=True)  # Prefect does not create its home (its SQLite file would fail to open)
     cmd = [sys.executable, "-m", "flows.finetune", "--base-model", str(model_dir), "--no-persona-similarity",
@@ -218,8 +223,7 @@ def main() -> None:
         for cap in caps:
             import shutil
 
-            run_name = (f"cap{cap:g}" if cap else "uncapped") + (f"-{args.num_gpus}gpu" if args.num_gpus != 1 else "")
-            shutil.rmtree(work / run_name, ignore_errors=True)  # no cache between runs
+            shutil.rmtree(work / run_name(cap, args.num_gpus), ignore_errors=True)  # no cache between runs
             r = run_flow(model_dir, work, cap, args.epochs, args.timeout, args.num_gpus,
                          None if args.devices == "unset" else args.devices, quotes)
             r["run"] = run + 1

@@ -171,6 +171,11 @@ def flow_runs() -> str:
     return markdown(["run", "code", "process s", *FLOW_STAGES], rows)
 
 
+def flow_result(run: dict, failed: str) -> str:
+    """ok, stopped at the per-run limit, or `failed` (how the table words a failure) for one bench/flow_gpu.py run."""
+    return "ok" if run["ok"] else ("stopped at the per-run limit" if run["returncode"] == "timeout" else failed)
+
+
 def flow_gpu_records() -> str:
     """`bench/flow_gpu.py` records (bench/results/flow_gpu_*.json): per card size, whether the flow finished, its
     training time and the out-of-memory back-off's retries, and the error of a run that failed."""
@@ -181,8 +186,7 @@ def flow_gpu_records() -> str:
             continue  # the later format: flow_gpu_cards
         for r in record["runs"]:
             error = next((l.strip()[:110] for l in reversed(r["tail"]) if "fine-tune failed" in l), "")
-            result = "ok" if r["ok"] else ("stopped at the per-run limit" if r["returncode"] == "timeout"
-                                           else f"failed: {error}")
+            result = flow_result(r, f"failed: {error}")
             train = r["stages_s"].get("train")
             rows.append([path.stem.removeprefix("flow_gpu_"), r["name"], f"{r['process_s']:.0f}",
                          "-" if train is None else f"{train:.1f}", str(len(r["oom_retries"])), result])
@@ -214,8 +218,7 @@ def flow_gpu_cards() -> str:
             s = r["stages_s"]
             runtime = next((m.group(1) for t in r.get("train_steps", [])
                             for m in [re.search(r"'train_runtime': '([\d.]+)'", t)] if m), None)
-            result = "ok" if r["ok"] else ("stopped at the per-run limit" if r["returncode"] == "timeout"
-                                           else f"failed ({r['returncode']})")
+            result = flow_result(r, f"failed ({r['returncode']})")
             gpus = f"{r.get('num_gpus', 1)} ({'flow pins' if record['devices'] == 'unset' else 'GPU ' + record['devices']})"
             layouts = [short_layout(l) for l in r["layouts"]]
             rows.append([path.stem.removeprefix("flow_gpu_"), f"{r['cap_gib']:g} GiB" if r["cap_gib"] else "uncapped",

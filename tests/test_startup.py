@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
-import json, time
+import json
 from flows.startup import start_temporary_api
 from prefect.server.api.server import SubprocessASGIServer
 
@@ -25,8 +25,7 @@ with get_client(sync_client=True) as client:
     health = client.api_healthcheck()
     url = str(client.api_url)
 print("RESULT " + json.dumps({"started_early": started_early, "early_url": early.api_url, "client_url": url,
-                              "healthy": health is None, "servers": len(SubprocessASGIServer._instances),
-                              "pid": early.server_process.pid}))
+                              "healthy": health is None, "servers": len(SubprocessASGIServer._instances)}))
 """
 
 
