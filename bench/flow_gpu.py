@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -90,14 +91,17 @@ def run_name(cap: float | None, num_gpus: int) -> str:
 
 
 def run_flow(model_dir: Path, work: Path, cap: float | None, epochs: float, timeout: int, num_gpus: int = 1,
-             devices: str | None = "0", quotes_csv: Path | None = None) -> dict:
+             devices: str | None = "0", quotes_csv: Path | None = None, profile: Path | None = None,
+             prefect_home: Path | None = None) -> dict:
     """One `python -m flows.finetune`. devices: CUDA_VISIBLE_DEVICES for the process (None: unset, the flow pins
     the GPUs itself). While it runs, nvidia-smi is read every 2 s: the peak memory each GPU of the host held
-    beyond what it held before the run shows which GPUs the run used."""
+    beyond what it held before the run shows which GPUs the run used. profile: run it under cProfile, the stats
+    written there (the flow's tasks run in its main thread, so the profile covers every stage). prefect_home: the
+    Prefect home to use (default: a new one in the run's folder, as on a machine's first run)."""
     name = run_name(cap, num_gpus)
-    out_dir, home = work / name / "outputs", work / name / "prefect"
+    out_dir, home = work / name / "outputs", prefect_home or work / name / "prefect"
     home.mkdir(parents=True, exist_ok=True)  # Prefect does not create its home (its SQLite file would fail to open)
-    cmd = [sys.executable, "-m", "flows.finetune", "--base-model", str(model_dir), "--no-persona-similarity",
+    cmd = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else []) + ["-m", "flows.finetune", "--base-model", str(model_dir), "--no-persona-similarity",
            "--epochs", str(epochs), "--output-dir", str(out_dir), "--num-gpus", str(num_gpus)]
     if quotes_csv:
         cmd += ["--quotes-csv", str(quotes_csv)]
@@ -138,7 +142,20 @@ def run_flow(model_dir: Path, work: Path, cap: float | None, epochs: float, time
             "layouts": [l.split("Training layout: ", 1)[1] for l in lines if "Training layout: " in l],
             "oom_retries": [l for l in lines if "CUDA out of memory with" in l],
             "train_memory": [l.split("Training memory: ", 1)[1] for l in lines if "Training memory: " in l],
-            "tail": lines[-40:] if rc != 0 else [l for l in lines if "Verdict:" in l or "Golden loss" in l]}
+            "tail": lines[-40:] if rc != 0 else [l for l in lines if "Verdict:" in l or "Golden loss" in l],
+            "timings": [l.split("Timing: ", 1)[1] for l in lines if "Timing: " in l]}
+
+
+def profile_summary(prof: Path, limit: int = 45) -> str:
+    """The cProfile stats as text: the calls with the most cumulative time, then the most own time."""
+    import io
+    import pstats
+
+    buf = io.StringIO()
+    stats = pstats.Stats(str(prof), stream=buf).strip_dirs()
+    stats.sort_stats("cumulative").print_stats(limit)
+    stats.sort_stats("tottime").print_stats(limit)
+    return buf.getvalue()
 
 
 def startup_profile(work: Path) -> dict:
@@ -196,6 +213,11 @@ def main() -> None:
     ap.add_argument("--csv-repeat", type=int, default=1,
                     help="train on data/quotes.csv repeated this many times (copy k's user text ends in ' (k)')")
     ap.add_argument("--tag", default="", help="added to the result file's name (runs in parallel on other GPUs)")
+    ap.add_argument("--shared-prefect-home", action="store_true",
+                    help="one Prefect home for every run: the first run creates its database, later runs find it "
+                         "(a user's second run); default: a new home per run")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="run each flow under cProfile; the stats summary goes to <dir>/<run>.prof.txt and $OUT")
     ap.add_argument("--startup-profile", action="store_true",
                     help="first record where start-up goes: slowest imports and the temporary API server alone")
     args = ap.parse_args()
@@ -221,12 +243,22 @@ def main() -> None:
         print("start-up profile: " + json.dumps(record["startup_profile"], indent=1), flush=True)
     for run in range(args.runs):
         for cap in caps:
-            import shutil
-
             shutil.rmtree(work / run_name(cap, args.num_gpus), ignore_errors=True)  # no cache between runs
+            prof = work / f"{run_name(cap, args.num_gpus)}-run{run + 1}.prof" if args.cprofile else None
+            home = work / "prefect-shared" if args.shared_prefect_home else None
+            if home and run == 0 and cap == caps[0]:
+                shutil.rmtree(home, ignore_errors=True)
             r = run_flow(model_dir, work, cap, args.epochs, args.timeout, args.num_gpus,
-                         None if args.devices == "unset" else args.devices, quotes)
+                         None if args.devices == "unset" else args.devices, quotes, prof, home)
+            r["prefect_home"] = "shared, existing" if home and (run or cap != caps[0]) else "new"
             r["run"] = run + 1
+            if args.out:  # the whole log beside the record
+                (Path(args.out) / f"{run_name(cap, args.num_gpus)}-run{run + 1}.log").write_text(
+                    (work / f"{run_name(cap, args.num_gpus)}.log").read_text())
+            if prof and prof.is_file():
+                summary = profile_summary(prof)
+                for folder in filter(None, (work, args.out and Path(args.out))):
+                    (folder / f"{prof.name}.txt").write_text(summary)
             record["runs"].append(r)
             print(f"{r['name']} (run {run + 1}): {'ok' if r['ok'] else 'FAILED'} in {r['process_s']:.0f} s, "
                   f"stages {r['stages_s']}, OOM retries {len(r['oom_retries'])}, GPUs used {r['gpus_used']} "

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from personatune.config import FinetuneConfig
     from personatune.data import DataValidationError, build_dataset
     from personatune.decoding import load_decoding
-    from personatune.evaluate import evaluate_adapter, score_adapter
+    from personatune.evaluate import EvaluationModels, evaluate_adapter, score_adapter
     from personatune.inference import base_model_of, locate_adapter
     from personatune.prompt import prompt_format_of
     from personatune.model import BaseModelError, resolve_base_model
@@ -61,9 +61,11 @@ def main(argv: list[str] | None = None) -> int:
                                       cfg.on_long_row, Path(work) / "tokens", quotes_csv=cfg.quotes_csv,
                                       prompt_format=cfg.prompt_format)
             roles = {"base": None, "challenger": adapter_dir, **({"champion": args.champion} if args.champion else {})}
-            scores = {role: score_adapter(cfg, resolved, path, Path(work) / f"scores-{role}") for role, path in roles.items()}
+            shared = EvaluationModels()  # one load of the base for every role and the report
+            scores = {role: score_adapter(cfg, resolved, path, Path(work) / f"scores-{role}", shared)
+                      for role, path in roles.items()}
             out = evaluate_adapter(cfg, resolved, adapter_dir, tokens, scores, args.out,
-                                   champion_dir=args.champion)
+                                   champion_dir=args.champion, models=shared)
     except (FileNotFoundError, DataValidationError, BaseModelError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

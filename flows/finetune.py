@@ -36,7 +36,7 @@ from personatune.config import FinetuneConfig, add_config_arguments, check_paths
 from personatune.files import code_version
 from tasks.data import fetch_data, tokenize_quotes, validate_quotes
 from tasks.export import export_run
-from tasks.evaluate import adapter_sha256, evaluate_lora, score_model
+from tasks.evaluate import EvaluationModels, adapter_sha256, evaluate_lora, score_model
 from tasks.model import build_qlora_model, resolve_base
 from tasks.publish import publish_bundle, push_to_hub
 from tasks.release import find_champion, judge_challenger, pending_entry, release_bundle, same_adapter
@@ -66,12 +66,14 @@ def finetune(**params) -> dict:
     # an unchanged re-run trains the champion's own adapter: nothing to compare (and everything stays cached)
     rival = None if not champion or same_adapter(champion["path"], adapter_dir) else champion["path"]
     eval_sets = {"golden": data["golden_csv"]["sha256"], "probes": data["probes_csv"]["sha256"]}
+    shared = EvaluationModels()  # the base loads once for the scores and the evaluation
     scores = {role: score_model(stages if role == "challenger" else None, config=eval_config, adapter_dir=path,
-                                adapter_sha256=adapter_sha256(path), eval_sha256=eval_sets, **model)
+                                adapter_sha256=adapter_sha256(path), eval_sha256=eval_sets, models=shared, **model)
               for role, path in (("base", None), ("champion", rival), ("challenger", adapter_dir))
               if role == "base" or path}
     eval_dir = evaluate_lora(stages, config=eval_config, adapter_dir=adapter_dir, tokenized_dir=tokenized_dir,
-                             scores=scores, champion_dir=rival, **model)
+                             scores=scores, champion_dir=rival, models=shared, **model)
+    shared.close()
     release = judge_challenger(config, eval_dir, dataset_dir, champion, adapter_dir)
     provenance = {"data_sha256": csv_sha256, "base_model_fingerprint": base["fingerprint"],
                   "code_version": code_version(), "stages": stages, "eval_sets_sha256": eval_sets,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ TRAIN_LOSS_ROWS = 64  # train loss is measured on the first 64 training rows (a 
 GENERATION_BATCH = 32  # measured on the 2-core CPU: 32 prompts x 48 tokens took 10.6 s in one batch, 16.8 s in two
 # On a GPU a decoding step costs about the same for 32 or 128 prompts (it waits on launches, not arithmetic), so
 # whole evaluation sets go in one batch when the memory holds them (rows_that_fit).
-GPU_GENERATION_BATCH = 128
+GPU_GENERATION_BATCH = 256
 LOSS_BATCH = 16
 # On a GPU the loss is taken over this many token positions at a time: their fp32 logits (and the softmax's copy)
 # exist at once, not those of the whole batch (16 rows x 140 tokens x a 49k vocabulary is 0.9 GiB per fp32 copy).
@@ -221,21 +223,26 @@ def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, sim
     Sample 0 is the single-sample evaluation's reply, and the one shown in reports.
     """
     k = reply_samples if decoding.sampling else 1
-    scores: dict = {"decoding": decoding.to_dict(), "reply_samples": k, "sets": {}}
+    scores: dict = {"decoding": decoding.to_dict(), "reply_samples": k, "sets": {}, "seconds": {}}
     all_sims, all_gens, by_sample = [], [], [[] for _ in range(k)]
+    sets = {name: rows for name, rows in sets.items() if rows}
+    started = time.perf_counter()
+    replies = _replies_per_set(model, tok, sets, decoding, seed, prompt_format, k)
+    scores["seconds"]["generate"] = round(time.perf_counter() - started, 2)
     for name, rows in sets.items():
-        if not rows:
-            continue
-        prompts, refs = [(r["instruction"], r["user"]) for r in rows], [r["reference"] for r in rows]
-        runs = [generate_replies(model, tok, prompts, decoding=decoding, seed=seed + j * SAMPLE_SEED_STRIDE,
-                                 prompt_format=prompt_format) for j in range(k)]
+        refs, runs = [r["reference"] for r in rows], replies[name]
+        started = time.perf_counter()
         sims = ([paired_similarity([g["reply"] for g in gens], refs) for gens in runs] if similarity
                 else [[None] * len(rows)] * k)
+        compared = time.perf_counter()
         per_prompt = [_mean(list(s)) if similarity else None for s in zip(*sims)]
         gens = [g for run in runs for g in run]
         stats = {**reply_stats(gens), "distinct_1": mean_distinct(runs, 1), "distinct_2": mean_distinct(runs, 2)}
+        loss = reference_loss(model, tok, rows, prompt_format)
+        scores["seconds"][name] = {"similarity": round(compared - started, 2),
+                                   "loss": round(time.perf_counter() - compared, 2)}
         scores["sets"][name] = {
-            "loss": reference_loss(model, tok, rows, prompt_format),
+            "loss": loss,
             "similarity": _mean(per_prompt) if similarity else None,
             **stats,
             "replies": [{"user": r["user"], "reply": g["reply"], "ended_by": g["ended_by"],
@@ -255,30 +262,109 @@ def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, sim
     return scores
 
 
+def _replies_per_set(model, tok, sets: dict[str, list[dict]], decoding: Decoding, seed: int, prompt_format: str,
+                     k: int) -> dict[str, list[list[dict]]]:
+    """k reply sets (sample j seeded seed + SAMPLE_SEED_STRIDE j) for each evaluation set. On a GPU every set goes
+    into the same generation batches: a decoding step there waits on kernel launches, not arithmetic, so 136
+    prompts cost about what 64 do (bench/eval_gpu.py). On a CPU each set is batched on its own, as measured."""
+    if free_cuda_bytes(next(model.parameters()).device) is None:
+        return {name: [generate_replies(model, tok, [(r["instruction"], r["user"]) for r in rows], decoding=decoding,
+                                        seed=seed + j * SAMPLE_SEED_STRIDE, prompt_format=prompt_format)
+                       for j in range(k)] for name, rows in sets.items()}
+    prompts = [(r["instruction"], r["user"]) for rows in sets.values() for r in rows]
+    runs = [generate_replies(model, tok, prompts, decoding=decoding, seed=seed + j * SAMPLE_SEED_STRIDE,
+                             prompt_format=prompt_format) for j in range(k)]
+    out, start = {}, 0
+    for name, rows in sets.items():
+        out[name] = [run[start:start + len(rows)] for run in runs]
+        start += len(rows)
+    return out
+
+
 def mean_distinct(runs: list[list[dict]], n: int) -> float:
     """Distinct-n of each reply set (one reply per prompt), averaged over the sets: k sampled sets compare with
     one greedy set, where pooling them would count the same prompt's replies against each other."""
     return _mean([distinct_n([g["reply"] for g in run], n) for run in runs])
 
 
-def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | None, out_dir: str | Path) -> Path:
-    """scores.json of the base (adapter_dir None) or of an adapter on the fixed evaluation sets."""
-    from personatune.model import load_base_model, load_qlora_model
+class EvaluationModels:
+    """The frozen base that the evaluation stages of one flow run share: loaded and made fast (fast_inference) once,
+    each adapter put on it once under its own name. Scoring the base, the champion and the challenger and then the
+    evaluation load the base once instead of three or four times (a 7B base on one H200: ~3 s a load,
+    bench/eval_gpu.py). A stage given none loads its own through the same code, so a stage's numbers do not depend
+    on what ran before it. `close()` lets go of the model (the flow calls it after the evaluation)."""
 
+    def __init__(self):
+        self.key: tuple | None = None
+        self.model = self.tok = None
+        self.adapters: dict[str, str] = {}  # adapter folder -> its name on the model
+        self.loads = 0
+
+    def base(self, resolved: str, cfg: FinetuneConfig):
+        """(model, tokenizer): the base with every adapter put on it so far (none active inside `plain()`)."""
+        from personatune.model import load_base_model
+
+        key = (resolved, cfg.base_revision, cfg.load_in_4bit, cfg.compute_dtype)
+        if key != self.key:
+            self.close()  # another base: the old one goes before the new one loads
+            tok = load_tokenizer(resolved, cfg.base_revision)
+            model = load_base_model(resolved, cfg)
+            fast_inference(model)
+            self.key, self.model, self.tok, self.loads = key, model, tok, self.loads + 1
+        return self.model, self.tok
+
+    @contextmanager
+    def plain(self, resolved: str, cfg: FinetuneConfig):
+        """The base alone: its adapters (if any are on it) switched off while the block runs."""
+        model, tok = self.base(resolved, cfg)
+        if not self.adapters:
+            yield model, tok
+            return
+        with model.disable_adapter():
+            yield model, tok
+
+    def adapter(self, resolved: str, cfg: FinetuneConfig, adapter_dir: str | Path) -> tuple:
+        """(model, tokenizer, name): the base with the adapter of `adapter_dir` on it and active."""
+        from peft import PeftModel
+
+        model, tok = self.base(resolved, cfg)
+        folder = str(Path(adapter_dir).resolve())
+        if folder not in self.adapters:
+            name = f"adapter{len(self.adapters)}"
+            if self.adapters:
+                model.load_adapter(folder, adapter_name=name)
+            else:
+                model = self.model = PeftModel.from_pretrained(model, folder, adapter_name=name)
+            self.adapters[folder] = name
+        model.set_adapter(self.adapters[folder])
+        return model, tok, self.adapters[folder]
+
+    def close(self) -> None:
+        self.key = self.model = self.tok = None
+        self.adapters = {}
+        free_accelerator_memory()
+
+
+def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | None, out_dir: str | Path,
+                  models: EvaluationModels | None = None) -> Path:
+    """scores.json of the base (adapter_dir None) or of an adapter on the fixed evaluation sets. `models`: the
+    base shared with the other evaluation stages of the run (None: this call loads its own)."""
     out_dir = Path(out_dir)
     if is_complete(out_dir):
         return out_dir
-    free_accelerator_memory()  # what an earlier stage of this process left (the trainer's reference cycles)
-    torch.manual_seed(cfg.seed)
-    tok = load_tokenizer(resolved, cfg.base_revision)
-    model = (load_qlora_model(resolved, cfg, adapter_dir=str(adapter_dir), trainable=False) if adapter_dir
-             else load_base_model(resolved, cfg))
-    fast_inference(model)
+    started = time.perf_counter()
+    models = models or EvaluationModels()
     # a champion bundle is prompted as it was trained (the challenger's stage folder and the base: as configured)
     prompt_format = prompt_format_of(adapter_dir, cfg.prompt_format) if adapter_dir else cfg.prompt_format
-    scores = score_model(model, tok, eval_sets(cfg), Decoding.from_config(cfg), cfg.persona_similarity, cfg.seed,
-                         prompt_format, cfg.reply_samples)
+    with (nullcontext() if adapter_dir else models.plain(resolved, cfg)) as plain:
+        model, tok = models.adapter(resolved, cfg, adapter_dir)[:2] if adapter_dir else plain
+        loaded = time.perf_counter() - started
+        torch.manual_seed(cfg.seed)
+        scores = score_model(model, tok, eval_sets(cfg), Decoding.from_config(cfg), cfg.persona_similarity, cfg.seed,
+                             prompt_format, cfg.reply_samples)
     scores["adapter"] = str(adapter_dir) if adapter_dir else None
+    scores["seconds"]["load"] = round(loaded, 2)
+    print(f"Timing: score {'adapter' if adapter_dir else 'base'}: {json.dumps(scores['seconds'])}")
     with atomic_dir(out_dir) as tmp:
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     return out_dir
@@ -313,25 +399,23 @@ def load_scores(scores_dir: str | Path | None) -> dict | None:
 
 def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path, tokenized_dir: str | Path,
                      scores: dict[str, str | Path | None], out_dir: str | Path,
-                     champion_dir: str | Path | None = None) -> Path:
+                     champion_dir: str | Path | None = None, models: EvaluationModels | None = None) -> Path:
     """eval.json, report.md and eval_plot.png: base, champion (when there is one) and challenger side by side.
 
     `scores` maps each role to its score_adapter folder (fixed evaluation sets); here the current CSV's held-out
     split and a training sample add their losses, an informational number (an edit to the CSV moves them).
+    `models`: the base shared with the scoring stages (None: loaded here).
     """
-    from personatune.model import load_qlora_model
-
     out_dir = Path(out_dir)
     if is_complete(out_dir):
         return out_dir
-    free_accelerator_memory()  # what an earlier stage of this process left
-    torch.manual_seed(cfg.seed)
-    tok = load_tokenizer(resolved, cfg.base_revision)
+    seconds, started = {}, time.perf_counter()
+    models = models or EvaluationModels()
     data = load_tokenized(tokenized_dir)
-    model = load_qlora_model(resolved, cfg, adapter_dir=str(adapter_dir), trainable=False)
-    if champion_dir:
-        model.load_adapter(str(champion_dir), adapter_name="champion")
-    fast_inference(model)
+    champion = models.adapter(resolved, cfg, champion_dir)[2] if champion_dir else None
+    model, tok, challenger = models.adapter(resolved, cfg, adapter_dir)
+    torch.manual_seed(cfg.seed)
+    seconds["load"] = time.perf_counter() - started
 
     splits = {"eval": data["eval"], "train": data["train"].select(range(min(TRAIN_LOSS_ROWS, len(data["train"]))))}
     losses: dict = {"eval": {}, "train": {}}
@@ -339,15 +423,18 @@ def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path
         with model.disable_adapter():
             losses[split]["base"] = mean_loss(model, rows, tok)
         losses[split]["tuned"] = mean_loss(model, rows, tok)
-    if champion_dir:
-        model.set_adapter("champion")
+    if champion:
+        model.set_adapter(champion)
         losses["eval"]["champion"] = mean_loss(model, splits["eval"], tok)
-        model.set_adapter("default")
+        model.set_adapter(challenger)
+    seconds["losses"] = time.perf_counter() - started - seconds["load"]
     sets = eval_sets(cfg)
     golden = sets["golden"][:EOS_ONLY_PROMPTS]
     eos_only = generate_replies(model, tok, [(r["instruction"], r["user"]) for r in golden],
                                 decoding=Decoding.from_config(cfg), stop_markers=False, seed=cfg.seed,
                                 prompt_format=cfg.prompt_format)
+    seconds["eos_only_replies"] = time.perf_counter() - started - seconds["load"] - seconds["losses"]
+    print("Timing: evaluate: " + json.dumps({k: round(v, 2) for k, v in seconds.items()}))
 
     cards = {role: load_scores(path) for role, path in scores.items() if path}
     metrics = {role: _metrics(card, cards["base"]) for role, card in cards.items()}

@@ -45,7 +45,8 @@ STAGE_MODULES = {
     "score": ("personatune.evaluate",),
     "evaluate": ("personatune.evaluate",),
 }
-NOT_HASHED = ("out_dir", "config", "callbacks")  # callbacks observe or inject faults; they change no output
+# callbacks observe or inject faults; models (the evaluation's loaded base) saves loads: neither changes an output
+NOT_HASHED = ("out_dir", "config", "callbacks", "models")
 # Inputs named by content elsewhere in the key (a score's adapter by its sha256), so where they lie does not matter.
 # The CSV is named by its sha256, so the same content from a local path, a Hub dataset repo or a bucket (downloaded
 # to a cache folder) validates once.

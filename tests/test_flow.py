@@ -153,6 +153,31 @@ def test_evaluation_is_deterministic_and_reports_persona_metrics(first_run, tmp_
     assert "persona similarity" in report and "unseen-topic probes: loop rate" in report and "Release verdict" in report
 
 
+def test_the_evaluation_stages_share_one_load_of_the_base(first_run, tmp_path, base_model_dir):
+    """Scoring the challenger, then the base, then the evaluation on one EvaluationModels: the base loads once, and
+    the base scored with the adapter on it (switched off) gives the replies and loss of a base loaded alone."""
+    from personatune.config import from_mapping
+    from personatune.evaluate import EvaluationModels, evaluate_adapter, score_adapter
+
+    params, summary = first_run
+    dirs = json.loads((Path(summary["run_dir"]) / "training_config.json").read_text())["stage_dirs"]
+    cfg = from_mapping({**params, "probes_csv": "", "max_new_tokens": 8, "persona_similarity": False})
+    shared = EvaluationModels()
+    scores = {"challenger": score_adapter(cfg, base_model_dir, dirs["adapter"], tmp_path / "challenger", shared),
+              "base": score_adapter(cfg, base_model_dir, None, tmp_path / "base", shared)}
+    evaluate_adapter(cfg, base_model_dir, dirs["adapter"], dirs["tokenized"], scores, tmp_path / "eval", models=shared)
+    assert shared.loads == 1 and list(shared.adapters.values()) == ["adapter0"]
+    alone = score_adapter(cfg, base_model_dir, None, tmp_path / "base-alone")
+
+    def sets(folder):
+        return json.loads((Path(folder) / "scores.json").read_text())["sets"]
+
+    assert sets(scores["base"]) == sets(alone)
+    assert sets(scores["challenger"])["golden"]["loss"] < sets(alone)["golden"]["loss"]
+    shared.close()
+    assert shared.model is None and shared.adapters == {}
+
+
 def test_evaluate_command_takes_an_adapter_folder(first_run, tmp_path):
     import subprocess
     import sys

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Where the evaluation's time goes on a GPU (issue 18 item 5: "evaluation stage <= 10 s").
+
+    # on the GPU machine, after the install of bench/flow_gpu.py's docstring:
+    python3 bench/eval_gpu.py [--dir /tmp/personatune-flow-gpu]
+
+On the Llama-2-7B-shaped random-weight model of bench/bench.py (random weights never write EOS, so every reply
+runs to the token limit: the slowest case), with the flow's default decoding and evaluation sets, times (CUDA
+synchronized): loading the 4-bit base and dequantizing it, putting a LoRA adapter on the loaded base, generating
+the replies of each set alone, of both sets in one batch, and of base and adapter rows in one batch (peft's
+per-row `adapter_names`), each decoding control switched off in turn, the reference losses; then a torch profiler
+summary of a few decoding steps. Prints the numbers and writes the raw JSON to bench/results/ and $OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def timed(fn):
+    import torch
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, round(time.perf_counter() - t, 3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp/personatune-flow-gpu")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+    from peft import PeftModel, get_peft_model
+
+    import bench
+    from personatune.config import FinetuneConfig
+    from personatune.decoding import Decoding
+    from personatune.evaluate import eval_sets, fast_inference, generate_replies, reference_loss
+    from personatune.model import load_base_model, lora_config
+    from personatune.tokenization import load_tokenizer
+
+    work = Path(args.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = work / "llama2-7b-shaped"
+    bench.build_shaped_model(model_dir)
+    cfg = FinetuneConfig(base_model=str(model_dir))
+    record: dict = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": dt.date.today().isoformat(),
+                    "model": "Llama-2-7B-shaped, random weights", "decoding": Decoding.from_config(cfg).to_dict(),
+                    "seconds": {}}
+    s = record["seconds"]
+    name = f"eval_gpu_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+
+    def note(key, value):
+        s[key] = value
+        print(f"{key}: {value}", flush=True)
+        bench.save_result(record, name, args.results, args.out)
+
+    tok, t = timed(lambda: load_tokenizer(str(model_dir), cfg.base_revision))
+    note("tokenizer", t)
+    model, t = timed(lambda: load_base_model(str(model_dir), cfg))
+    note("load_4bit", t)
+    _, t = timed(lambda: fast_inference(model))
+    note("dequantize", t)
+    adapter = work / "eval-gpu-adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        torch.manual_seed(0)
+        fresh = get_peft_model(model, lora_config(cfg, model))
+        for n, p in fresh.named_parameters():  # a nonzero B: the adapter changes the replies, like a trained one
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)
+        fresh.save_pretrained(adapter)
+        model = fresh.unload()  # the plain base back
+    peft, t = timed(lambda: PeftModel.from_pretrained(model, str(adapter), adapter_name="challenger"))
+    note("attach_adapter", t)
+    sets = eval_sets(cfg)
+    dec = Decoding.from_config(cfg)
+    prompts = {k: [(r["instruction"], r["user"]) for r in v] for k, v in sets.items()}
+    both = prompts["golden"] + prompts["probes"]
+
+    def gen(rows, decoding=dec, **kw):
+        return generate_replies(peft, tok, rows, decoding, **kw)
+
+    _, t = timed(lambda: gen(prompts["probes"][:8], Decoding(4, dec.repetition_penalty)))
+    note("warmup_4_tokens_8_rows", t)
+    out, t = timed(lambda: gen(prompts["golden"]))
+    note("generate_golden_72", t)
+    note("new_tokens_golden", sum(g["new_tokens"] for g in out))
+    _, t = timed(lambda: gen(prompts["probes"]))
+    note("generate_probes_64", t)
+    _, t = timed(lambda: gen(both))
+    note("generate_both_136", t)
+    with peft.disable_adapter():
+        _, t = timed(lambda: gen(both))
+    note("generate_both_136_base", t)
+    _, t = timed(lambda: gen(both, stop_markers=False))
+    note("generate_both_136_no_stop_strings", t)
+    _, t = timed(lambda: gen(both, Decoding(dec.max_new_tokens)))
+    note("generate_both_136_no_repetition_penalty", t)
+    _, t = timed(lambda: gen(both + both, batch_size=272))
+    note("generate_272_one_batch", t)
+    for k, rows in sets.items():
+        _, t = timed(lambda: reference_loss(peft, tok, rows))
+        note(f"reference_loss_{k}", t)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        gen(both, Decoding(8, dec.repetition_penalty))
+    for key in ("cuda_time_total", "self_cpu_time_total"):
+        table = prof.key_averages().table(sort_by=key, row_limit=25)
+        record[f"profile_8_steps_136_rows_by_{key}"] = table
+        print(table, flush=True)
+    bench.save_result(record, name, args.results, args.out)
+
+
+if __name__ == "__main__":
+    main()
