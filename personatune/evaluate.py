@@ -227,7 +227,7 @@ def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, sim
     all_sims, all_gens, by_sample = [], [], [[] for _ in range(k)]
     sets = {name: rows for name, rows in sets.items() if rows}
     started = time.perf_counter()
-    replies = _replies_per_set(model, tok, sets, decoding, seed, prompt_format, k)
+    replies = replies_per_set(model, tok, sets, decoding, seed, prompt_format, k)
     scores["seconds"]["generate"] = round(time.perf_counter() - started, 2)
     for name, rows in sets.items():
         refs, runs = [r["reference"] for r in rows], replies[name]
@@ -262,12 +262,15 @@ def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, sim
     return scores
 
 
-def _replies_per_set(model, tok, sets: dict[str, list[dict]], decoding: Decoding, seed: int, prompt_format: str,
-                     k: int) -> dict[str, list[list[dict]]]:
-    """k reply sets (sample j seeded seed + SAMPLE_SEED_STRIDE j) for each evaluation set. On a GPU every set goes
-    into the same generation batches: a decoding step there waits on kernel launches, not arithmetic, so 136
-    prompts cost about what 64 do (bench/eval_gpu.py). On a CPU each set is batched on its own, as measured."""
-    if free_cuda_bytes(next(model.parameters()).device) is None:
+def replies_per_set(model, tok, sets: dict[str, list[dict]], decoding: Decoding, seed: int = 0,
+                    prompt_format: str = "scaffold", k: int = 1, joint: bool | None = None) -> dict[str, list[list[dict]]]:
+    """k reply sets (sample j seeded seed + SAMPLE_SEED_STRIDE j) for each evaluation set. joint (default: on a GPU):
+    every set goes into the same generation batches, since a decoding step there waits on kernel launches, not
+    arithmetic, so 136 prompts cost about what 64 do (bench/eval_gpu.py). On a CPU each set is batched on its own,
+    as measured there."""
+    if joint is None:
+        joint = free_cuda_bytes(next(model.parameters()).device) is not None
+    if not joint:
         return {name: [generate_replies(model, tok, [(r["instruction"], r["user"]) for r in rows], decoding=decoding,
                                         seed=seed + j * SAMPLE_SEED_STRIDE, prompt_format=prompt_format)
                        for j in range(k)] for name, rows in sets.items()}

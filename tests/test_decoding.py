@@ -95,3 +95,22 @@ def test_several_sampled_replies_per_prompt_are_averaged(base_model_dir, tokeniz
     assert greedy["reply_samples"] == 1 and "samples" not in greedy["sets"]["probes"]["replies"][0]
     with pytest.raises(ConfigError, match="reply_samples must be >= 1"):
         FinetuneConfig(reply_samples=0)
+
+
+def test_sets_generated_in_one_batch_get_their_own_replies_back(base_model_dir, tokenizer):
+    """joint=True (a GPU's default: every evaluation set in the same generation batches): each set gets the replies
+    to its own prompts, in order, and the same replies as when each set is generated alone (greedy)."""
+    from personatune.evaluate import replies_per_set
+    from personatune.model import dequantize_frozen_base, load_base_model
+
+    model = load_base_model(base_model_dir, FinetuneConfig())
+    dequantize_frozen_base(model)
+    rows = [{"instruction": i, "user": u, "reference": "-"} for i, u in PROMPTS]
+    sets = {"golden": rows[:1], "probes": rows[1:]}
+    joint = replies_per_set(model, tokenizer, sets, Decoding(8, 1.1), k=2, joint=True)
+    alone = replies_per_set(model, tokenizer, sets, Decoding(8, 1.1), k=2, joint=False)
+    for name, set_rows in sets.items():
+        assert len(joint[name]) == 2  # k reply sets
+        assert [g["user"] for g in joint[name][0]] == [r["user"] for r in set_rows]
+        assert [g["reply"] for g in joint[name][0]] == [g["reply"] for g in alone[name][0]]
+    assert joint["golden"][0][0]["reply"] != joint["probes"][0][0]["reply"]
