@@ -7,9 +7,10 @@
 On the Llama-2-7B-shaped random-weight model of bench/bench.py (random weights never write EOS, so every reply
 runs to the token limit: the slowest case), with the flow's default decoding and evaluation sets, times (CUDA
 synchronized): loading the 4-bit base and dequantizing it, putting a LoRA adapter on the loaded base, generating
-the replies of each set alone, of both sets in one batch, and of base and adapter rows in one batch (peft's
-per-row `adapter_names`), each decoding control switched off in turn, the reference losses; then a torch profiler
-summary of a few decoding steps. Prints the numbers and writes the raw JSON to bench/results/ and $OUT.
+the replies of each set alone, of both sets in one batch, and of both sets twice in one batch (272 prompts), each
+decoding control switched off in turn, the reference losses, a batch size seen for the first time vs again with and
+without cuDNN's attention; then a torch profiler summary of a few decoding steps. Prints the numbers and writes the
+raw JSON to bench/results/ and $OUT.
 """
 from __future__ import annotations
 
@@ -116,6 +117,15 @@ def main() -> None:
     for k, rows in sets.items():
         _, t = timed(lambda: reference_loss(peft, tok, rows))
         note(f"reference_loss_{k}", t)
+    # A batch size not seen before costs more than a repeated one (above: 136 rows 14.6 s the first time, 5.5-6.5 s
+    # after). Whether that is cuDNN attention building a plan per new shape (the profile shows its kernels): a new
+    # batch size twice with cuDNN's SDPA, then another new one twice without it.
+    for label, rows, cudnn in (("cudnn", both[:120], True), ("no_cudnn", both[:100], False)):
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+        for attempt in ("new_shape", "same_shape"):
+            _, t = timed(lambda: gen(rows))
+            note(f"generate_{len(rows)}_{label}_{attempt}", t)
+    torch.backends.cuda.enable_cudnn_sdp(True)
 
     from torch.profiler import ProfilerActivity, profile
 
