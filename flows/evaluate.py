@@ -62,10 +62,13 @@ def main(argv: list[str] | None = None) -> int:
                                       prompt_format=cfg.prompt_format)
             roles = {"base": None, "challenger": adapter_dir, **({"champion": args.champion} if args.champion else {})}
             shared = EvaluationModels()  # one load of the base for every role and the report
-            scores = {role: score_adapter(cfg, resolved, path, Path(work) / f"scores-{role}", shared)
-                      for role, path in roles.items()}
-            out = evaluate_adapter(cfg, resolved, adapter_dir, tokens, scores, args.out,
-                                   champion_dir=args.champion, models=shared)
+            try:
+                scores = {role: score_adapter(cfg, resolved, path, Path(work) / f"scores-{role}", shared)
+                          for role, path in roles.items()}
+                out = evaluate_adapter(cfg, resolved, adapter_dir, tokens, scores, args.out,
+                                       champion_dir=args.champion, models=shared)
+            finally:
+                shared.close()
     except (FileNotFoundError, DataValidationError, BaseModelError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

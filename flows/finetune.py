@@ -67,13 +67,15 @@ def finetune(**params) -> dict:
     rival = None if not champion or same_adapter(champion["path"], adapter_dir) else champion["path"]
     eval_sets = {"golden": data["golden_csv"]["sha256"], "probes": data["probes_csv"]["sha256"]}
     shared = EvaluationModels()  # the base loads once for the scores and the evaluation
-    scores = {role: score_model(stages if role == "challenger" else None, config=eval_config, adapter_dir=path,
-                                adapter_sha256=adapter_sha256(path), eval_sha256=eval_sets, models=shared, **model)
-              for role, path in (("base", None), ("champion", rival), ("challenger", adapter_dir))
-              if role == "base" or path}
-    eval_dir = evaluate_lora(stages, config=eval_config, adapter_dir=adapter_dir, tokenized_dir=tokenized_dir,
-                             scores=scores, champion_dir=rival, models=shared, **model)
-    shared.close()
+    try:
+        scores = {role: score_model(stages if role == "challenger" else None, config=eval_config, adapter_dir=path,
+                                    adapter_sha256=adapter_sha256(path), eval_sha256=eval_sets, models=shared, **model)
+                  for role, path in (("base", None), ("champion", rival), ("challenger", adapter_dir))
+                  if role == "base" or path}
+        eval_dir = evaluate_lora(stages, config=eval_config, adapter_dir=adapter_dir, tokenized_dir=tokenized_dir,
+                                 scores=scores, champion_dir=rival, models=shared, **model)
+    finally:
+        shared.close()
     release = judge_challenger(config, eval_dir, dataset_dir, champion, adapter_dir)
     provenance = {"data_sha256": csv_sha256, "base_model_fingerprint": base["fingerprint"],
                   "code_version": code_version(), "stages": stages, "eval_sets_sha256": eval_sets,

@@ -264,12 +264,14 @@ def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, sim
 
 def replies_per_set(model, tok, sets: dict[str, list[dict]], decoding: Decoding, seed: int = 0,
                     prompt_format: str = "scaffold", k: int = 1, joint: bool | None = None) -> dict[str, list[list[dict]]]:
-    """k reply sets (sample j seeded seed + SAMPLE_SEED_STRIDE j) for each evaluation set. joint (default: on a GPU):
-    every set goes into the same generation batches, since a decoding step there waits on kernel launches, not
-    arithmetic, so 136 prompts cost about what 64 do (bench/eval_gpu.py). On a CPU each set is batched on its own,
-    as measured there."""
+    """k reply sets (sample j seeded seed + SAMPLE_SEED_STRIDE j) for each evaluation set. joint (default: greedy
+    decoding on a GPU): every set goes into the same generation batches, since a decoding step there waits on kernel
+    launches, not arithmetic, so 136 prompts cost about what 64 do (bench/eval_gpu.py). A set's replies may then move
+    with the other set's prompts (the padding of a shared batch), which the score's cache key covers (it hashes
+    every set). Sampling batches each set on its own, so a set's random draws depend on its own prompts only; so
+    does a CPU, as measured there."""
     if joint is None:
-        joint = free_cuda_bytes(next(model.parameters()).device) is not None
+        joint = not decoding.sampling and free_cuda_bytes(next(model.parameters()).device) is not None
     if not joint:
         return {name: [generate_replies(model, tok, [(r["instruction"], r["user"]) for r in rows], decoding=decoding,
                                         seed=seed + j * SAMPLE_SEED_STRIDE, prompt_format=prompt_format)
@@ -293,9 +295,11 @@ def mean_distinct(runs: list[list[dict]], n: int) -> float:
 class EvaluationModels:
     """The frozen base that the evaluation stages of one flow run share: loaded and made fast (fast_inference) once,
     each adapter put on it once under its own name. Scoring the base, the champion and the challenger and then the
-    evaluation load the base once instead of three or four times (a 7B base on one H200: ~3 s a load,
-    bench/eval_gpu.py). A stage given none loads its own through the same code, so a stage's numbers do not depend
-    on what ran before it. `close()` lets go of the model (the flow calls it after the evaluation)."""
+    evaluation load the base once instead of three or four times (a 7B base on one H200 took 3.0-3.6 s a load,
+    bench/eval_gpu.py). The base is scored inside `plain()` (every adapter switched off) and an adapter after
+    `set_adapter`, so what was put on the model before does not change a stage's numbers (tests/test_flow.py
+    compares them with stages that load their own). A stage given none loads its own. `close()` lets go of the
+    model; an adapter that fails to load closes it too, so no half-built model is reused."""
 
     def __init__(self):
         self.key: tuple | None = None
@@ -334,10 +338,14 @@ class EvaluationModels:
         folder = str(Path(adapter_dir).resolve())
         if folder not in self.adapters:
             name = f"adapter{len(self.adapters)}"
-            if self.adapters:
-                model.load_adapter(folder, adapter_name=name)
-            else:
-                model = self.model = PeftModel.from_pretrained(model, folder, adapter_name=name)
+            try:  # peft puts the LoRA layers on the base before it reads the weights: a failure leaves it half-built
+                if self.adapters:
+                    model.load_adapter(folder, adapter_name=name)
+                else:
+                    model = self.model = PeftModel.from_pretrained(model, folder, adapter_name=name)
+            except BaseException:
+                self.close()
+                raise
             self.adapters[folder] = name
         model.set_adapter(self.adapters[folder])
         return model, tok, self.adapters[folder]
@@ -428,8 +436,10 @@ def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path
         losses[split]["tuned"] = mean_loss(model, rows, tok)
     if champion:
         model.set_adapter(champion)
-        losses["eval"]["champion"] = mean_loss(model, splits["eval"], tok)
-        model.set_adapter(challenger)
+        try:
+            losses["eval"]["champion"] = mean_loss(model, splits["eval"], tok)
+        finally:
+            model.set_adapter(challenger)
     seconds["losses"] = time.perf_counter() - started - seconds["load"]
     sets = eval_sets(cfg)
     golden = sets["golden"][:EOS_ONLY_PROMPTS]

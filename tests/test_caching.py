@@ -43,6 +43,11 @@ def test_scores_are_keyed_by_the_adapter_content_and_the_decoding():
     assert stage_key("score", {**params, "config": {**config, "repetition_penalty": 1.2}}) != key
     assert stage_key("score", {**params, "config": {**config, "reply_samples": 3}}) != key  # replies averaged
     assert stage_key("score", {**params, "config": {**config, "learning_rate": 9}}) == key  # training settings
+    from personatune.evaluate import EvaluationModels
+
+    # the loaded base shared by the evaluation stages saves loads and changes no output: not part of any key
+    assert stage_key("score", {**params, "models": EvaluationModels()}) == key
+    assert stage_key("evaluate", {**params, "models": EvaluationModels()}) == stage_key("evaluate", params)
     train = {"config": config, "dataset_dir": "d"}
     for setting in ("neftune_noise_alpha", "eval_every_steps", "early_stopping_patience"):
         assert stage_key("train", {**train, "config": {**config, setting: 0}}) != stage_key("train", train)

@@ -154,26 +154,36 @@ def test_evaluation_is_deterministic_and_reports_persona_metrics(first_run, tmp_
 
 
 def test_the_evaluation_stages_share_one_load_of_the_base(first_run, tmp_path, base_model_dir):
-    """Scoring the challenger, then the base, then the evaluation on one EvaluationModels: the base loads once, and
-    the base scored with the adapter on it (switched off) gives the replies and loss of a base loaded alone."""
+    """On one EvaluationModels, the untrained initial adapter (LoRA B = 0, so it computes the base), then the
+    challenger, then the base, then the evaluation with the initial adapter as champion: the base loads once, each
+    adapter is put on once, and every score and the evaluation equal those of stages that load their own."""
     from personatune.config import from_mapping
     from personatune.evaluate import EvaluationModels, evaluate_adapter, score_adapter
 
     params, summary = first_run
     dirs = json.loads((Path(summary["run_dir"]) / "training_config.json").read_text())["stage_dirs"]
     cfg = from_mapping({**params, "probes_csv": "", "max_new_tokens": 8, "persona_similarity": False})
+    initial = str(Path(dirs["model"]) / "adapter")
+    roles = {"initial": initial, "challenger": dirs["adapter"], "base": None}
     shared = EvaluationModels()
-    scores = {"challenger": score_adapter(cfg, base_model_dir, dirs["adapter"], tmp_path / "challenger", shared),
-              "base": score_adapter(cfg, base_model_dir, None, tmp_path / "base", shared)}
-    evaluate_adapter(cfg, base_model_dir, dirs["adapter"], dirs["tokenized"], scores, tmp_path / "eval", models=shared)
-    assert shared.loads == 1 and list(shared.adapters.values()) == ["adapter0"]
-    alone = score_adapter(cfg, base_model_dir, None, tmp_path / "base-alone")
+    together = {role: score_adapter(cfg, base_model_dir, path, tmp_path / f"shared-{role}", shared)
+                for role, path in roles.items()}
+    evaluate_adapter(cfg, base_model_dir, dirs["adapter"], dirs["tokenized"], together, tmp_path / "shared-eval",
+                     champion_dir=initial, models=shared)
+    assert shared.loads == 1 and sorted(shared.adapters.values()) == ["adapter0", "adapter1"]
+    alone = {role: score_adapter(cfg, base_model_dir, path, tmp_path / f"alone-{role}") for role, path in roles.items()}
+    evaluate_adapter(cfg, base_model_dir, dirs["adapter"], dirs["tokenized"], alone, tmp_path / "alone-eval",
+                     champion_dir=initial)
 
     def sets(folder):
         return json.loads((Path(folder) / "scores.json").read_text())["sets"]
 
-    assert sets(scores["base"]) == sets(alone)
-    assert sets(scores["challenger"])["golden"]["loss"] < sets(alone)["golden"]["loss"]
+    for role in roles:
+        assert sets(together[role]) == sets(alone[role]), role
+    assert sets(alone["initial"]) == sets(alone["base"])  # B = 0: the initial adapter is the base
+    assert sets(alone["challenger"])["golden"]["loss"] < sets(alone["base"])["golden"]["loss"]
+    evals = [json.loads((tmp_path / f"{how}-eval" / "eval.json").read_text()) for how in ("shared", "alone")]
+    assert evals[0] == evals[1] and evals[0]["eval_loss"]["champion"] == evals[0]["eval_loss"]["base"]
     shared.close()
     assert shared.model is None and shared.adapters == {}
 
