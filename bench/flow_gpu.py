@@ -101,8 +101,9 @@ def run_flow(model_dir: Path, work: Path, cap: float | None, epochs: float, time
     name = run_name(cap, num_gpus)
     out_dir, home = work / name / "outputs", prefect_home or work / name / "prefect"
     home.mkdir(parents=True, exist_ok=True)  # Prefect does not create its home (its SQLite file would fail to open)
-    cmd = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else []) + ["-m", "flows.finetune", "--base-model", str(model_dir), "--no-persona-similarity",
-           "--epochs", str(epochs), "--output-dir", str(out_dir), "--num-gpus", str(num_gpus)]
+    cmd = [sys.executable, *(["-m", "cProfile", "-o", str(profile)] if profile else []), "-m", "flows.finetune",
+           "--base-model", str(model_dir), "--no-persona-similarity", "--epochs", str(epochs), "--output-dir",
+           str(out_dir), "--num-gpus", str(num_gpus)]
     if quotes_csv:
         cmd += ["--quotes-csv", str(quotes_csv)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -243,18 +244,18 @@ def main() -> None:
         print("start-up profile: " + json.dumps(record["startup_profile"], indent=1), flush=True)
     for run in range(args.runs):
         for cap in caps:
-            shutil.rmtree(work / run_name(cap, args.num_gpus), ignore_errors=True)  # no cache between runs
-            prof = work / f"{run_name(cap, args.num_gpus)}-run{run + 1}.prof" if args.cprofile else None
+            rname, first = run_name(cap, args.num_gpus), run == 0 and cap == caps[0]
+            shutil.rmtree(work / rname, ignore_errors=True)  # no cache between runs
+            prof = work / f"{rname}-run{run + 1}.prof" if args.cprofile else None
             home = work / "prefect-shared" if args.shared_prefect_home else None
-            if home and run == 0 and cap == caps[0]:
+            if home and first:
                 shutil.rmtree(home, ignore_errors=True)
             r = run_flow(model_dir, work, cap, args.epochs, args.timeout, args.num_gpus,
                          None if args.devices == "unset" else args.devices, quotes, prof, home)
-            r["prefect_home"] = "shared, existing" if home and (run or cap != caps[0]) else "new"
+            r["prefect_home"] = "shared, existing" if home and not first else "new"
             r["run"] = run + 1
             if args.out:  # the whole log beside the record
-                (Path(args.out) / f"{run_name(cap, args.num_gpus)}-run{run + 1}.log").write_text(
-                    (work / f"{run_name(cap, args.num_gpus)}.log").read_text())
+                (Path(args.out) / f"{rname}-run{run + 1}.log").write_text((work / f"{rname}.log").read_text())
             if prof and prof.is_file():
                 summary = profile_summary(prof)
                 for folder in filter(None, (work, args.out and Path(args.out))):

@@ -205,8 +205,8 @@ def short_layout(layout: str) -> str:
 
 def flow_gpu_cards() -> str:
     """`bench/flow_gpu.py` records with the GPUs they ran on (the format since 2026-11-29 13:00): per run, the card
-    size (cap), whether its Prefect home was new or a shared one an earlier run had created, the stages' seconds, the Trainer's own train_runtime, the out-of-memory retries and the layouts
-    (the plan's, then each back-off's)."""
+    size (cap), whether its Prefect home was new or a shared one an earlier run had created, the stages' seconds,
+    the Trainer's own train_runtime, the out-of-memory retries and the layouts (the plan's, then each back-off's)."""
     import re
 
     rows = []

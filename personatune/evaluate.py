@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -272,13 +272,15 @@ def replies_per_set(model, tok, sets: dict[str, list[dict]], decoding: Decoding,
     does a CPU, as measured there."""
     if joint is None:
         joint = not decoding.sampling and free_cuda_bytes(next(model.parameters()).device) is not None
+
+    def sample_runs(rows: list[dict]) -> list[list[dict]]:
+        prompts = [(r["instruction"], r["user"]) for r in rows]
+        return [generate_replies(model, tok, prompts, decoding=decoding, seed=seed + j * SAMPLE_SEED_STRIDE,
+                                 prompt_format=prompt_format) for j in range(k)]
+
     if not joint:
-        return {name: [generate_replies(model, tok, [(r["instruction"], r["user"]) for r in rows], decoding=decoding,
-                                        seed=seed + j * SAMPLE_SEED_STRIDE, prompt_format=prompt_format)
-                       for j in range(k)] for name, rows in sets.items()}
-    prompts = [(r["instruction"], r["user"]) for rows in sets.values() for r in rows]
-    runs = [generate_replies(model, tok, prompts, decoding=decoding, seed=seed + j * SAMPLE_SEED_STRIDE,
-                             prompt_format=prompt_format) for j in range(k)]
+        return {name: sample_runs(rows) for name, rows in sets.items()}
+    runs = sample_runs([r for rows in sets.values() for r in rows])
     out, start = {}, 0
     for name, rows in sets.items():
         out[name] = [run[start:start + len(rows)] for run in runs]
@@ -296,8 +298,8 @@ class EvaluationModels:
     """The frozen base that the evaluation stages of one flow run share: loaded and made fast (fast_inference) once,
     each adapter put on it once under its own name. Scoring the base, the champion and the challenger and then the
     evaluation load the base once instead of three or four times (a 7B base on one H200 took 3.0-3.6 s a load,
-    bench/eval_gpu.py). The base is scored inside `plain()` (every adapter switched off) and an adapter after
-    `set_adapter`, so what was put on the model before does not change a stage's numbers (tests/test_flow.py
+    bench/eval_gpu.py). Inside `active()` the base is scored with every adapter switched off and an adapter with it
+    set active, so what was put on the model before does not change a stage's numbers (tests/test_flow.py
     compares them with stages that load their own). A stage given none loads its own. `close()` lets go of the
     model; an adapter that fails to load closes it too, so no half-built model is reused."""
 
@@ -308,7 +310,7 @@ class EvaluationModels:
         self.loads = 0
 
     def base(self, resolved: str, cfg: FinetuneConfig):
-        """(model, tokenizer): the base with every adapter put on it so far (none active inside `plain()`)."""
+        """(model, tokenizer): the base with every adapter put on it so far (`active()` picks one or none)."""
         from personatune.model import load_base_model
 
         key = (resolved, cfg.base_revision, cfg.load_in_4bit, cfg.compute_dtype)
@@ -321,8 +323,12 @@ class EvaluationModels:
         return self.model, self.tok
 
     @contextmanager
-    def plain(self, resolved: str, cfg: FinetuneConfig):
-        """The base alone: its adapters (if any are on it) switched off while the block runs."""
+    def active(self, resolved: str, cfg: FinetuneConfig, adapter_dir: str | Path | None = None):
+        """(model, tokenizer) with the adapter of `adapter_dir` active, or (None) the base alone: its adapters, if any
+        are on it, switched off while the block runs."""
+        if adapter_dir:
+            yield self.adapter(resolved, cfg, adapter_dir)[:2]
+            return
         model, tok = self.base(resolved, cfg)
         if not self.adapters:
             yield model, tok
@@ -367,8 +373,7 @@ def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | 
     models = models or EvaluationModels()
     # a champion bundle is prompted as it was trained (the challenger's stage folder and the base: as configured)
     prompt_format = prompt_format_of(adapter_dir, cfg.prompt_format) if adapter_dir else cfg.prompt_format
-    with (nullcontext() if adapter_dir else models.plain(resolved, cfg)) as plain:
-        model, tok = models.adapter(resolved, cfg, adapter_dir)[:2] if adapter_dir else plain
+    with models.active(resolved, cfg, adapter_dir) as (model, tok):
         loaded = time.perf_counter() - started
         torch.manual_seed(cfg.seed)
         scores = score_model(model, tok, eval_sets(cfg), Decoding.from_config(cfg), cfg.persona_similarity, cfg.seed,
