@@ -3,6 +3,7 @@
 
     python bench/quality_sweep.py run --base-model DIR --out bench/results/quality_sweep.json [--recipes a,b]
     python bench/quality_sweep.py score bench/results/quality_sweep.json     # similarity + table (CPU, embedder)
+    python bench/quality_sweep.py decode --bundles outputs/latest --decodings "rep 1.1;rep 1.1, contrast 0.5"
 
 `run` trains every recipe below on data/quotes.csv through the same public functions the flow calls
 (build_dataset, tokenize_dataset, build_model, run_training, score_adapter) and scores base and each adapter on
@@ -54,6 +55,7 @@ RECIPES = {
 DECODINGS = {
     "greedy": {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0},
     "rep 1.1": {"repetition_penalty": 1.1, "no_repeat_ngram_size": 0},
+    "rep 1.15": {"repetition_penalty": 1.15},
     "rep 1.2": {"repetition_penalty": 1.2, "no_repeat_ngram_size": 0},
     "rep 1.3": {"repetition_penalty": 1.3, "no_repeat_ngram_size": 0},
     "no-repeat 3": {"repetition_penalty": 1.0, "no_repeat_ngram_size": 3},
@@ -66,7 +68,22 @@ DECODINGS = {
     "rep 1.1, T 0.7, seed 2": {"repetition_penalty": 1.1, "temperature": 0.7, "top_p": 0.9, "seed": 2},
     "rep 1.1, T 0.9": {"repetition_penalty": 1.1, "temperature": 0.9, "top_p": 0.95},
     "T 0.7": {"repetition_penalty": 1.0, "temperature": 0.7, "top_p": 0.9},
+    # Contrast with the base (personatune.decoding, base_contrast): deterministic like greedy.
+    "rep 1.1, contrast 0.3": {"repetition_penalty": 1.1, "base_contrast": 0.3},
+    "rep 1.1, contrast 0.5": {"repetition_penalty": 1.1, "base_contrast": 0.5},
+    "rep 1.1, contrast 0.7": {"repetition_penalty": 1.1, "base_contrast": 0.7},
+    "rep 1.1, contrast 0.8": {"repetition_penalty": 1.1, "base_contrast": 0.8},
+    "rep 1.1, contrast 1.0": {"repetition_penalty": 1.1, "base_contrast": 1.0},
+    "rep 1.15, contrast 0.7": {"repetition_penalty": 1.15, "base_contrast": 0.7},
+    "rep 1.2, contrast 0.5": {"repetition_penalty": 1.2, "base_contrast": 0.5},
+    "contrast 0.5": {"repetition_penalty": 1.0, "base_contrast": 0.5},
 }
+
+
+def decoding(name: str) -> dict:
+    """A named decoding as config overrides; the contrast with the base is off unless the name sets it (the
+    config's default is on, and the rows measured before it existed had none)."""
+    return {"base_contrast": 0.0, **DECODINGS[name]}
 
 
 def run(args) -> None:
@@ -94,7 +111,7 @@ def run(args) -> None:
     dataset = build_dataset(base_cfg.quotes_csv, base_cfg.eval_fraction, work / "dataset")
     tokens = tokenize_dataset(dataset, tok, base_cfg.max_seq_len, base_cfg.on_long_row, work / "tokens")
     wanted = [n.strip() for n in args.decodings.split(";")] if args.decodings else list(DECODINGS)
-    for dname, dec in ((n, DECODINGS[n]) for n in wanted):
+    for dname, dec in ((n, decoding(n)) for n in wanted):
         if dname not in results["base"]:
             results["base"][dname] = load_scores(score_adapter(base_cfg.replace(**dec), resolved, None, work / f"base-{dname}"))
     for i, name in enumerate(names):
@@ -109,11 +126,11 @@ def run(args) -> None:
         entry = {"overrides": RECIPES[name], "config": {k: getattr(cfg, k) for k in BASELINE}, "train_s": round(train_s, 1),
                  "steps": history["global_step"], "best_step": history.get("best_step"),
                  "eval_loss_curve": history.get("eval_loss"), "decodings": {}}
-        decodings = {n: DECODINGS[n] for n in wanted}
+        decodings = {n: decoding(n) for n in wanted}
         if args.greedy_only and name != args.decode_all:
-            decodings = {"greedy": DECODINGS["greedy"]}
+            decodings = {"greedy": decoding("greedy")}
         elif args.decode_all and name == args.decode_all:
-            decodings = DECODINGS
+            decodings = {n: decoding(n) for n in DECODINGS}
         for dname, dec in decodings.items():
             entry["decodings"][dname] = load_scores(score_adapter(cfg.replace(**dec), resolved, adapter, work / f"s-{i}-{dname}"))
         results["recipes"][name] = entry
@@ -240,6 +257,64 @@ def pool(args) -> None:
                   f"{mean([r['loops'] for r in replies]):.1%} | {mean([r['ended_by'] != 'eos' for r in replies]):.1%} |")
 
 
+def decode(args) -> None:
+    """Score trained adapter bundles (a flow run's outputs/<run>/) with several decodings, on the machine at hand
+    (the CPU default's own adapter on the CPU box), persona similarity included: the base once per decoding it
+    sees (the contrast with the base is the adapter's, so the base decodes without it), each bundle per decoding.
+    Writes every reply and prints the table."""
+    import torch
+
+    from personatune.config import FinetuneConfig
+    from personatune.evaluate import EvaluationModels, load_scores, score_adapter
+    from personatune.inference import base_model_of
+    from personatune.model import resolve_base_model
+    from personatune.prompt import prompt_format_of
+
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {"bundles": {}}
+    results["machine"] = f"cpu ({torch.get_num_threads()} threads)" if not torch.cuda.is_available() else \
+        torch.cuda.get_device_name(0)
+    work = Path(tempfile.mkdtemp(prefix="decode-"))
+    names = [n.strip() for n in args.decodings.split(";")]
+    for b, bundle in enumerate(x.strip() for x in args.bundles.split(";")):
+        fmt = prompt_format_of(bundle)
+        cfg = FinetuneConfig(base_model=base_model_of(Path(bundle)), prompt_format=fmt)
+        resolved = resolve_base_model(cfg.base_model)
+        entry = results["bundles"].setdefault(bundle, {"prompt_format": fmt, "base": {}, "decodings": {}})
+        models = EvaluationModels()
+        try:
+            for name in names:
+                dec = cfg.replace(**decoding(name))
+                base_key = json.dumps({k: v for k, v in decoding(name).items() if k != "base_contrast"}, sort_keys=True)
+                if base_key not in entry["base"]:
+                    entry["base"][base_key] = load_scores(score_adapter(dec, resolved, None, work / f"b{b}-{name}", models))
+                started = time.perf_counter()
+                card = load_scores(score_adapter(dec, resolved, bundle, work / f"a{b}-{name}", models))
+                card["wall_s"] = round(time.perf_counter() - started, 1)
+                card["base_key"] = base_key
+                entry["decodings"][name] = card
+                out.write_text(json.dumps(results, indent=1) + "\n")
+                print(f"{bundle} {name}: {card['seconds']}", flush=True)
+        finally:
+            models.close()
+    print("| bundle | decoding | probes sim (base) | beats base | loop | run-on | distinct-2 | golden sim (base) | "
+          "golden beats base | golden distinct-2 | s to score |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for bundle, entry in results["bundles"].items():
+        for name, card in entry["decodings"].items():
+            base = entry["base"][card["base_key"]]
+            cells = []
+            for set_name in ("probes", "golden"):
+                mine, theirs = card["sets"][set_name], base["sets"][set_name]
+                wins = [a["similarity"] > c["similarity"] for a, c in zip(mine["replies"], theirs["replies"])]
+                cells.append((mine, theirs, sum(wins) / len(wins)))
+            (p, pb, pw), (g, gb, gw) = cells
+            print(f"| {Path(bundle).name} ({entry['prompt_format']}) | {name} | {p['similarity']:.3f} "
+                  f"({pb['similarity']:.3f}) | {pw:.0%} | {p['loop_rate']:.1%} | {p['run_on_rate']:.1%} | "
+                  f"{p['distinct_2']:.3f} | {g['similarity']:.3f} ({gb['similarity']:.3f}) | {gw:.0%} | "
+                  f"{g['distinct_2']:.3f} | {card['wall_s']:.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -261,8 +336,12 @@ def main() -> None:
     pl = sub.add_parser("pool", help="several sampled replies per prompt from same-decoding rows of other seeds")
     pl.add_argument("results")
     pl.add_argument("--decodings", default="rep 1.1, T 0.7;rep 1.1, T 0.7, seed 1;rep 1.1, T 0.7, seed 2")
+    d = sub.add_parser("decode", help="score trained bundles with several decodings (persona similarity included)")
+    d.add_argument("--bundles", required=True, help="';'-separated bundle folders (outputs/<run>)")
+    d.add_argument("--decodings", default="rep 1.1;rep 1.1, contrast 0.3;rep 1.1, contrast 0.5;rep 1.1, contrast 1.0")
+    d.add_argument("--out", default=str(ROOT / "bench/results/quality_decode.json"))
     args = ap.parse_args()
-    {"run": run, "cpu-step": cpu_step, "score": score, "pool": pool}[args.cmd](args)
+    {"run": run, "cpu-step": cpu_step, "score": score, "pool": pool, "decode": decode}[args.cmd](args)
 
 
 if __name__ == "__main__":

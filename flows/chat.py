@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="Override the bundle's generation_config.json (the decoding its evaluation measured).")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="Override the bundle's generation_config.json.")
+    p.add_argument("--base-contrast", type=float, default=None,
+                   help="Override the bundle's contrast with the base (0 = off; QUALITY.md, \"Base contrast\").")
     p.add_argument("--seed", type=int, default=0, help="Sampling seed (default: 0).")
     p.add_argument("--compare", action="store_true", help="Also answer with the base model (adapter disabled), side by side.")
     return p.parse_args(argv)
@@ -69,7 +71,7 @@ def decoding_for(args, adapter_dir):
 
     stored = load_decoding(adapter_dir)
     changes = {"max_new_tokens": args.max_new_tokens}
-    for name in ("repetition_penalty", "no_repeat_ngram_size", "temperature", "top_p"):
+    for name in ("repetition_penalty", "no_repeat_ngram_size", "temperature", "top_p", "base_contrast"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     return dataclasses.replace(stored, **changes)
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                        prompt_format=prompt_format)
         if args.compare:
             with model.disable_adapter():
-                base = answer(model, tok, args, user, stream=False, decoding=decoding, prompt_format=prompt_format)
+                base = answer(model, tok, args, user, stream=False, decoding=decoding.without_contrast(),
+                              prompt_format=prompt_format)
             print(f"tuned: {tuned['reply']}\nbase:  {base['reply']}")
         elif not stream:
             print(tuned["reply"])

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                              max_new_tokens=args.max_new_tokens, repetition_penalty=decoding.repetition_penalty,
                              no_repeat_ngram_size=decoding.no_repeat_ngram_size,
                              temperature=decoding.temperature, top_p=decoding.top_p,
+                             base_contrast=decoding.base_contrast,
                              prompt_format=prompt_format_of(adapter_dir))  # prompted as it was trained
         resolved = resolve_base_model(cfg.base_model)
         with tempfile.TemporaryDirectory() as work:

@@ -6,16 +6,26 @@ Greedy decoding of a small tuned model falls into loops ("I'll tell you what to 
 generation batch (`seed`), so two evaluations of the same adapter on the same machine still give the same replies.
 The values travel with every adapter as `generation_config.json`, so a consumer that loads the bundle (or the
 Hub repo) decodes exactly as the evaluation measured.
+
+Base contrast (`base_contrast` = beta > 0): each step scores the tuned model's next-token log-probabilities against
+the base model's (the same model with the adapter switched off), (1 + beta) log p_tuned - beta log p_base, over the
+tokens the tuned model itself finds plausible (p_tuned >= CONTRAST_PLAUSIBILITY x its best token's). That is
+contrastive decoding (Li et al., 2023; O'Brien and Lewis, 2023) with the untuned base as the amateur: what the
+adapter learned is amplified and the base's stock phrasing ("I'll take ...", "it's not ...") is held back. It
+costs one more forward pass of the base a step, and it needs the base: a merged or GGUF export decodes without it.
+Measured in QUALITY.md ("Base contrast").
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from personatune.prompt import stop_strings
 
 GENERATION_CONFIG = "generation_config.json"
+CONTRAST_PLAUSIBILITY = 0.1  # base contrast: only tokens with p_tuned >= 0.1 x the best token's (measured, QUALITY.md)
 
 
 @dataclass(frozen=True)
@@ -25,10 +35,16 @@ class Decoding:
     no_repeat_ngram_size: int = 0
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0  # nucleus mass when sampling
+    base_contrast: float = 0.0  # beta of the contrast with the base (0 = off); an adapter's decoding only
 
     @classmethod
     def from_config(cls, cfg) -> "Decoding":
-        return cls(cfg.max_new_tokens, cfg.repetition_penalty, cfg.no_repeat_ngram_size, cfg.temperature, cfg.top_p)
+        return cls(cfg.max_new_tokens, cfg.repetition_penalty, cfg.no_repeat_ngram_size, cfg.temperature, cfg.top_p,
+                   cfg.base_contrast)
+
+    def without_contrast(self) -> "Decoding":
+        """The same decoding without the contrast with the base: for the base itself, or a merged model."""
+        return replace(self, base_contrast=0.0)
 
     @property
     def sampling(self) -> bool:
@@ -36,7 +52,8 @@ class Decoding:
 
     def describe(self) -> str:
         how = f"sampled (temperature {self.temperature}, top-p {self.top_p}, seeded)" if self.sampling else "greedy"
-        return (f"{how}, repetition penalty {self.repetition_penalty}, no-repeat n-gram size "
+        contrast = f", contrasted with the base (beta {self.base_contrast:g})" if self.base_contrast else ""
+        return (f"{how}{contrast}, repetition penalty {self.repetition_penalty}, no-repeat n-gram size "
                 f"{self.no_repeat_ngram_size}, at most {self.max_new_tokens} new tokens")
 
     def generate_kwargs(self) -> dict:
@@ -63,8 +80,10 @@ def generation_config(tok, decoding: Decoding, prompt_format: str = "scaffold"):
     from personatune.tokenization import generation_eos
 
     stops = {"stop_strings": stop_strings(prompt_format)} if stop_strings(prompt_format) else {}
+    # base_contrast is personatune's (plain generate() ignores it): generate_replies reads it back, load_decoding too
+    contrast = {"base_contrast": decoding.base_contrast} if decoding.base_contrast else {}
     return GenerationConfig(max_new_tokens=decoding.max_new_tokens, eos_token_id=generation_eos(tok, prompt_format),
-                            pad_token_id=tok.pad_token_id, **stops, **decoding.generate_kwargs())
+                            pad_token_id=tok.pad_token_id, **stops, **decoding.generate_kwargs(), **contrast)
 
 
 def load_decoding(folder: str | Path, default: Decoding | None = None) -> Decoding:
@@ -78,4 +97,49 @@ def load_decoding(folder: str | Path, default: Decoding | None = None) -> Decodi
     return Decoding(int(data.get("max_new_tokens", default.max_new_tokens)),
                     float(data.get("repetition_penalty", 1.0)), int(data.get("no_repeat_ngram_size", 0)),
                     float(data.get("temperature", 1.0)) if sampling else 0.0,
-                    float(data.get("top_p", 1.0)) if sampling else 1.0)
+                    float(data.get("top_p", 1.0)) if sampling else 1.0, float(data.get("base_contrast", 0.0)))
+
+
+def base_contrast_processor(model, attention_mask, decoding: Decoding, plausibility: float = CONTRAST_PLAUSIBILITY):
+    """A logits processor for `model.generate()` on a peft model: replaces the tuned model's scores by
+    (1 + beta) log p_tuned - beta log p_base over the plausible tokens (-inf elsewhere), beta =
+    `decoding.base_contrast`. generate() hands it the tuned scores after its own processors (repetition penalty;
+    temperature when sampling), so the base's logits get the same penalty and temperature: with an adapter that
+    changes nothing, the contrast changes nothing. The base's log-probabilities come from the same model with its
+    adapters switched off, run one token a step on its own KV cache; `attention_mask` is the prompt batch's (left
+    padding). One processor per generate() call."""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache, LogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    beta = decoding.base_contrast
+    penalty = RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty) if decoding.repetition_penalty != 1.0 else None
+
+    # transformers renamed the cache keyword (past_key_values -> cache) within the supported range
+    cache_kw = "cache" if "cache" in inspect.signature(model.get_base_model().forward).parameters else "past_key_values"
+    floor = math.log(plausibility)
+
+    class BaseContrast(LogitsProcessor):
+        def __init__(self):
+            self.mask, self.cache, self.seen = attention_mask, DynamicCache(), 0
+
+        @torch.no_grad()
+        def __call__(self, input_ids, scores):
+            new = input_ids[:, self.seen:]  # the prompt at the first step, then the token just chosen
+            if self.seen:
+                self.mask = torch.cat([self.mask, self.mask.new_ones(new.shape)], dim=1)
+            self.seen = input_ids.shape[1]
+            positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, -new.shape[1]:]
+            with model.disable_adapter():
+                out = model(input_ids=new, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                            **{cache_kw: self.cache})
+            base = out.logits[:, -1].float()
+            base = penalty(input_ids, base) if penalty else base
+            base = torch.log_softmax(base / decoding.temperature if decoding.sampling else base, dim=-1)
+            tuned = torch.log_softmax(scores.float(), dim=-1)
+            plausible = tuned >= tuned.max(dim=-1, keepdim=True).values + floor
+            contrast = (1 + beta) * tuned - beta * base
+            return torch.where(plausible, contrast, torch.full_like(contrast, -math.inf)).to(scores.dtype)
+
+    return BaseContrast()

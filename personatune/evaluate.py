@@ -16,10 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers import LogitsProcessorList
 
 from personatune.config import FinetuneConfig
 from personatune.files import atomic_dir, is_complete
-from personatune.decoding import Decoding, generation_config
+from personatune.decoding import Decoding, base_contrast_processor, generation_config
 from personatune.metrics import distinct_n, loops, paired_similarity, reply_stats
 from personatune.prompt import cut_reply, prompt_format_of, stop_strings
 from personatune.tokenization import (IGNORE_INDEX, encode_prompt, generation_eos, load_tokenized, load_tokenizer,
@@ -149,11 +150,17 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
         batch_size, decoding.max_new_tokens + max((len(ids) for ids in encoded), default=1),
         model.config.get_text_config().vocab_size, free)
 
+    if decoding.base_contrast and not hasattr(model, "disable_adapter"):
+        raise ValueError("base_contrast decodes an adapter against its base: give a peft model with the adapter "
+                         "active (for the base alone or a merged model use Decoding.without_contrast())")
+
     def run(start: int, end: int) -> list[dict]:
         inputs = tok.pad({"input_ids": encoded[start:end]}, return_tensors="pt").to(device)
         if decoding.sampling:
             torch.manual_seed(seed + start)
-        out = model.generate(**inputs, **kwargs)
+        contrast = ({"logits_processor": LogitsProcessorList([base_contrast_processor(
+            model, inputs["attention_mask"], decoding)])} if decoding.base_contrast else {})
+        out = model.generate(**inputs, **kwargs, **contrast)
         return [_describe(tok, instruction, user, row, stop_ids, prompt_format)
                 for (instruction, user), row in zip(prompts[start:end], out[:, inputs["input_ids"].shape[1]:].tolist())]
 
@@ -180,7 +187,16 @@ def generate_reply(model, tok, instruction: str, user: str, decoding: Decoding =
     return generate_replies(model, tok, [(instruction, user)], decoding, **kwargs)[0]
 
 
-EOS_ONLY_PROMPTS = 32  # the seed's EOS-only stopping is shown on one generation batch of golden prompts
+EOS_ONLY_PROMPTS = 32  # the seed's EOS-only stopping is shown on the first golden prompts' replies
+
+
+def eos_only_run_on_rate(replies: list[dict]) -> float:
+    """The share of these replies that would run on with EOS as the only stop (the seed's setting), read from how
+    each reply generated with the stop criteria ended: generation is the same token for token until the first stop,
+    so a reply that ended by EOS ends there without the `###` criterion too, and one stopped by the marker or the
+    token limit would have written the next turn or run to the limit (tests/test_decoding.py compares this with
+    generating again without the marker)."""
+    return sum(r["ended_by"] != "eos" for r in replies) / len(replies)
 
 
 def load_eval_rows(path: str | Path) -> list[dict]:
@@ -376,8 +392,9 @@ def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | 
     with models.active(resolved, cfg, adapter_dir) as (model, tok):
         loaded = time.perf_counter() - started
         torch.manual_seed(cfg.seed)
-        scores = score_model(model, tok, eval_sets(cfg), Decoding.from_config(cfg), cfg.persona_similarity, cfg.seed,
-                             prompt_format, cfg.reply_samples)
+        decoding = Decoding.from_config(cfg) if adapter_dir else Decoding.from_config(cfg).without_contrast()
+        scores = score_model(model, tok, eval_sets(cfg), decoding, cfg.persona_similarity, cfg.seed, prompt_format,
+                             cfg.reply_samples)
     scores["adapter"] = str(adapter_dir) if adapter_dir else None
     scores["seconds"]["load"] = round(loaded, 2)
     print(f"Timing: score {'adapter' if adapter_dir else 'base'}: {json.dumps(scores['seconds'])}")
@@ -446,15 +463,11 @@ def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path
         finally:
             model.set_adapter(challenger)
     seconds["losses"] = time.perf_counter() - started - seconds["load"]
-    sets = eval_sets(cfg)
-    golden = sets["golden"][:EOS_ONLY_PROMPTS]
-    eos_only = generate_replies(model, tok, [(r["instruction"], r["user"]) for r in golden],
-                                decoding=Decoding.from_config(cfg), stop_markers=False, seed=cfg.seed,
-                                prompt_format=cfg.prompt_format)
-    seconds["eos_only_replies"] = time.perf_counter() - started - seconds["load"] - seconds["losses"]
     print("Timing: evaluate: " + json.dumps({k: round(v, 2) for k, v in seconds.items()}))
 
+    sets = eval_sets(cfg)
     cards = {role: load_scores(path) for role, path in scores.items() if path}
+    eos_only = cards["challenger"]["sets"].get("golden", {"replies": []})["replies"][:EOS_ONLY_PROMPTS]
     metrics = {role: _metrics(card, cards["base"]) for role, card in cards.items()}
     metrics["base"]["heldout_loss"], metrics["challenger"]["heldout_loss"] = losses["eval"]["base"], losses["eval"]["tuned"]
     if "champion" in metrics:
@@ -475,7 +488,7 @@ def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path
         "probe_prompts": len(probes),
         "decoding": Decoding.from_config(cfg).to_dict(),
         "reply_samples": challenger.get("reply_samples", 1),
-        "run_on_rate_eos_only": reply_stats(eos_only)["run_on_rate"] if eos_only else None,
+        "run_on_rate_eos_only": eos_only_run_on_rate(eos_only) if eos_only else None,
         "training": _training_summary(Path(adapter_dir) / "history.json"),
         "samples": [{"user": c["user"], "reference": references.get(c["user"]), "tuned": c["reply"],
                      "tuned_ended_by": c["ended_by"], "base": b["reply"], "base_ended_by": b["ended_by"],

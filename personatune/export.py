@@ -85,7 +85,9 @@ def write_merged(base_model: str, bundle: str | Path, out_dir: str | Path, dtype
 
             AutoTokenizer.from_pretrained(base_model, revision=revision).save_pretrained(tmp)
         if (bundle / GENERATION_CONFIG).is_file():  # the decoding the evaluation measured, not the base's defaults
-            shutil.copy2(bundle / GENERATION_CONFIG, tmp / GENERATION_CONFIG)
+            settings = json.loads((bundle / GENERATION_CONFIG).read_text())
+            settings.pop("base_contrast", None)  # merged, there is no base left to contrast with
+            (tmp / GENERATION_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
     return out_dir
 
 
@@ -154,7 +156,8 @@ def render_modelfile(gguf_file: str, prompt_format: str, decoding: Decoding, sys
 
     Decoding follows generation_config.json: temperature 0 (greedy) unless it samples, `repeat_penalty` over the
     whole context (`repeat_last_n -1`: transformers' repetition penalty sees every token, Ollama's only the last
-    64 by default), `num_predict` = the reply limit. Ollama has no no-repeat n-gram rule: a comment says so."""
+    64 by default), `num_predict` = the reply limit. Ollama has no no-repeat n-gram rule and no contrast with the
+    base (the GGUF is the merged model): comments say so."""
     template, stops = modelfile_template(prompt_format, tok)
     lines = [f"# Written by personatune: prompt format {prompt_format!r}, decoding as the evaluation measured.",
              f"FROM {gguf_file}", f'TEMPLATE """{template}"""']
@@ -169,6 +172,9 @@ def render_modelfile(gguf_file: str, prompt_format: str, decoding: Decoding, sys
     lines.append(f"PARAMETER num_predict {decoding.max_new_tokens}")
     if decoding.no_repeat_ngram_size > 0:
         lines.append(f"# no_repeat_ngram_size {decoding.no_repeat_ngram_size} (evaluation) has no Ollama equivalent")
+    if decoding.base_contrast:
+        lines.append(f"# base_contrast {decoding.base_contrast:g} (evaluation, flows.chat) needs the base beside the "
+                     "adapter: a merged model decodes without it (QUALITY.md, \"Base contrast\")")
     return "\n".join(lines) + "\n"
 
 

@@ -186,6 +186,7 @@ Base model, the champion this release was judged against (when there was one) an
 that an edit to the training CSV cannot move: `golden.csv` ({ev.get('golden_rows')} rows written for evaluation,
 never trained on) and {ev.get('probe_prompts')} unseen-topic probes (everyday topics absent from the training data),
 replies decoded with this repo's `generation_config.json` ({Decoding(**ev['decoding']).describe() if ev.get('decoding') else 'n/a'}):
+{contrast_note(repo_id, ev.get('decoding') or {})}
 
 {chr(10).join(metric_table(ev))}
 
@@ -212,6 +213,20 @@ rollback restored). This is `{RELEASE_PREFIX}{run}`; load exactly one release wi
 
 {release_history_table(releases)}"""
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def contrast_note(repo_id: str, decoding: dict) -> str:
+    """What a reader must know when the evaluation decoded with the contrast with the base: plain `generate()`
+    ignores `base_contrast`, and personatune's chat applies it."""
+    beta = decoding.get("base_contrast") or 0
+    if not beta:
+        return ""
+    return f"""
+The replies were contrasted with the base (`base_contrast` {beta:g} in `generation_config.json`): at each step the
+adapter's log-probabilities count {1 + beta:g}x and the base's -{beta:g}x, over the tokens the adapter finds plausible.
+Plain `model.generate()` ignores that setting and decodes without it (more of the base's stock phrasing); personatune
+decodes as measured: `python -m flows.chat --adapter {repo_id}`.
+"""
 
 
 def lora_targets_of(bundle: Path, cfg: dict) -> str:

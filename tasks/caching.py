@@ -30,9 +30,10 @@ STAGE_FIELDS = {
                              "num_gpus", "neftune_noise_alpha", "eval_every_steps", "early_stopping_patience",
                              "prompt_format"),  # the format decides the chat_template.jinja saved with the adapter
     "score": ("base_revision", "load_in_4bit", "compute_dtype", "seed", "max_new_tokens", "repetition_penalty",
-              "no_repeat_ngram_size", "temperature", "top_p", "reply_samples", "persona_similarity", "prompt_format"),
+              "no_repeat_ngram_size", "temperature", "top_p", "base_contrast", "reply_samples", "persona_similarity",
+              "prompt_format"),
     "evaluate": MODEL_FIELDS + ("num_samples", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size",
-                                "temperature", "top_p", "reply_samples",
+                                "temperature", "top_p", "base_contrast", "reply_samples",
                                 "golden_csv", "probes_csv", "persona_similarity", "prompt_format"),
 }
 # The ML-core modules each stage runs; their imports are followed (personatune.files.module_closure). The ranks

@@ -174,8 +174,9 @@ ASK = ("Respond as Wednesday Addams: deadpan and morbid.", "Do you like sunny da
 
 def test_consumer_prompting_through_apply_chat_template_gets_the_evaluated_in_persona_reply(chat_run, chat_model):
     """What an OpenAI-style server does (the bundle's tokenizer, `apply_chat_template`, its generation_config.json)
-    gives token for token the reply that evaluation and `flows.chat` produce; and through those same ids the
-    adapter finds her golden replies likelier than the base does (in persona, measured as the golden loss)."""
+    gives token for token the reply that evaluation and `flows.chat` produce without the contrast with the base (a
+    server decodes the merged or adapted model alone: `--base-contrast 0`); and through those same ids the adapter
+    finds her golden replies likelier than the base does (in persona, measured as the golden loss)."""
     import torch
     from transformers import GenerationConfig
 
@@ -191,7 +192,7 @@ def test_consumer_prompting_through_apply_chat_template_gets_the_evaluated_in_pe
         out = model.generate(**inputs, generation_config=GenerationConfig.from_pretrained(run_dir))
     new_tokens = out[0, inputs["input_ids"].shape[1]:]
     consumer = tok.decode(new_tokens, skip_special_tokens=True).strip()
-    ours = generate_reply(model, tok, instruction, user, load_decoding(run_dir), prompt_format="chat")
+    ours = generate_reply(model, tok, instruction, user, load_decoding(run_dir).without_contrast(), prompt_format="chat")
     print("consumer reply:", consumer)
     assert consumer == ours["reply"] and ours["reply"] and "<|im_start|>" not in tok.decode(new_tokens)
 

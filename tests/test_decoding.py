@@ -14,19 +14,23 @@ PROMPTS = [("Respond as Wednesday Addams: deadpan and morbid.", "Do you like cat
            ("Respond as Wednesday Addams: deadpan and morbid.", "Shall we go to the beach?")]
 
 
-@pytest.mark.parametrize("decoding", [Decoding(64, 1.1, 0), Decoding(48, 1.15, 4, 0.7, 0.9)],
-                         ids=["greedy", "sampled"])
+@pytest.mark.parametrize("decoding", [Decoding(64, 1.1, 0), Decoding(48, 1.15, 4, 0.7, 0.9),
+                                      Decoding(64, 1.1, 0, base_contrast=0.5)], ids=["greedy", "sampled", "contrast"])
 def test_generation_config_round_trips_the_decoding(tmp_path, tokenizer, decoding):
     generation_config(tokenizer, decoding).save_pretrained(tmp_path)
     stored = json.loads((tmp_path / "generation_config.json").read_text())
     assert stored.get("do_sample", False) is decoding.sampling
     assert stored["repetition_penalty"] == decoding.repetition_penalty and stored["stop_strings"] == ["###"]
     assert load_decoding(tmp_path) == decoding
+    assert stored.get("base_contrast", 0.0) == decoding.base_contrast
 
 
 def test_a_config_decoding_reaches_the_bundle_settings():
-    cfg = FinetuneConfig(temperature=0.7, top_p=0.9, repetition_penalty=1.2, no_repeat_ngram_size=3)
-    assert Decoding.from_config(cfg) == Decoding(cfg.max_new_tokens, 1.2, 3, 0.7, 0.9)
+    cfg = FinetuneConfig(temperature=0.7, top_p=0.9, repetition_penalty=1.2, no_repeat_ngram_size=3, base_contrast=0.3)
+    assert Decoding.from_config(cfg) == Decoding(cfg.max_new_tokens, 1.2, 3, 0.7, 0.9, 0.3)
+    assert Decoding.from_config(cfg).without_contrast() == Decoding(cfg.max_new_tokens, 1.2, 3, 0.7, 0.9, 0.0)
+    with pytest.raises(ConfigError, match="base_contrast must be >= 0"):
+        FinetuneConfig(base_contrast=-0.1)
     assert Decoding.from_config(FinetuneConfig()).sampling is False  # the default stays greedy (QUALITY.md)
     with pytest.raises(ConfigError, match="temperature must be >= 0 and top_p in"):
         FinetuneConfig(top_p=0.0)
@@ -60,6 +64,9 @@ def test_chat_uses_the_bundle_decoding_unless_overridden(tmp_path, tokenizer):
     assert decoding_for(parse_args([]), tmp_path) == Decoding(96, 1.1, 0)
     assert decoding_for(parse_args(["--temperature", "0.7", "--top-p", "0.9"]), tmp_path) == Decoding(96, 1.1, 0, 0.7, 0.9)
     assert decoding_for(parse_args(["--repetition-penalty", "1.0"]), tmp_path).repetition_penalty == 1.0
+    generation_config(tokenizer, Decoding(64, 1.1, 0, base_contrast=0.5)).save_pretrained(tmp_path)
+    assert decoding_for(parse_args([]), tmp_path).base_contrast == 0.5
+    assert decoding_for(parse_args(["--base-contrast", "0"]), tmp_path).base_contrast == 0.0
 
 
 def test_several_sampled_replies_per_prompt_are_averaged(base_model_dir, tokenizer):
@@ -114,3 +121,91 @@ def test_sets_generated_in_one_batch_get_their_own_replies_back(base_model_dir, 
         assert [g["user"] for g in joint[name][0]] == [r["user"] for r in set_rows]
         assert [g["reply"] for g in joint[name][0]] == [g["reply"] for g in alone[name][0]]
     assert joint["golden"][0][0]["reply"] != joint["probes"][0][0]["reply"]
+
+
+def _adapted(base_model_dir, lora_b: float):
+    """The embedded base, dequantized, with a q,v LoRA adapter whose B matrices are all `lora_b` (0: peft's initial
+    adapter, which changes nothing)."""
+    from peft import get_peft_model
+
+    from personatune.model import dequantize_frozen_base, load_base_model, lora_config
+
+    cfg = FinetuneConfig()
+    model = load_base_model(base_model_dir, cfg)
+    dequantize_frozen_base(model)
+    model = get_peft_model(model, lora_config(cfg, model))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * lora_b)
+    return model.eval()
+
+
+def test_base_contrast_scores_tuned_against_base_log_probs(base_model_dir, tokenizer):
+    """The processor's scores, step by step on a left-padded batch, are (1 + b) log p_tuned - b log p_base over the
+    tokens with p_tuned >= 0.1 x the best one's (-inf elsewhere), where log p_base is a full forward of the same
+    model with the adapter off: its own KV cache, attention mask and positions agree with that forward. Both get the
+    repetition penalty (generate() applies it to the tuned scores before the processor sees them)."""
+    import math
+
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from personatune.decoding import base_contrast_processor
+    from personatune.tokenization import encode_prompt
+
+    model = _adapted(base_model_dir, 0.05)
+    tokenizer.padding_side = "left"
+    batch = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, i, u, "scaffold") for i, u in PROMPTS]},
+                          return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()  # prompts of different lengths: some rows are padded
+    processor = base_contrast_processor(model, batch["attention_mask"], Decoding(16, 1.3, base_contrast=0.5))
+    penalty = RepetitionPenaltyLogitsProcessor(1.3)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        for step in range(3):
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            tuned_logits = penalty(ids, model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1])
+            with model.disable_adapter():
+                base_logits = penalty(ids, model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1])
+            tuned, base = torch.log_softmax(tuned_logits, -1), torch.log_softmax(base_logits, -1)
+            assert (tuned - base).abs().max() > 0.01  # the adapter changes the distribution
+            got = processor(ids, tuned_logits.clone())
+            plausible = tuned >= tuned.max(-1, keepdim=True).values + math.log(0.1)
+            assert torch.equal(torch.isfinite(got), plausible)
+            torch.testing.assert_close(got[plausible], (1.5 * tuned - 0.5 * base)[plausible], atol=2e-4, rtol=0)
+            chosen = got.argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, chosen], 1), torch.cat([mask, torch.ones_like(chosen)], 1)
+
+
+def test_base_contrast_changes_nothing_when_the_adapter_changes_nothing(base_model_dir, tokenizer):
+    """With peft's initial adapter (B = 0) tuned and base agree, so the contrast leaves greedy replies as they are;
+    with a trained adapter it changes them. A model without an adapter to switch off is refused."""
+    from personatune.evaluate import generate_replies
+    from personatune.model import load_base_model
+
+    contrast, plain = Decoding(16, 1.1, base_contrast=1.0), Decoding(16, 1.1)
+    initial = _adapted(base_model_dir, 0.0)
+    assert ([g["reply"] for g in generate_replies(initial, tokenizer, PROMPTS, contrast)]
+            == [g["reply"] for g in generate_replies(initial, tokenizer, PROMPTS, plain)])
+    trained = _adapted(base_model_dir, 0.05)
+    assert ([g["reply"] for g in generate_replies(trained, tokenizer, PROMPTS, contrast)]
+            != [g["reply"] for g in generate_replies(trained, tokenizer, PROMPTS, plain)])
+    with pytest.raises(ValueError, match="base_contrast decodes an adapter against its base"):
+        generate_replies(load_base_model(base_model_dir, FinetuneConfig()), tokenizer, PROMPTS, contrast)
+
+
+def test_the_eos_only_run_on_rate_is_read_from_the_replies_with_stop_criteria(base_model_dir, tokenizer):
+    """The report's "with EOS as the only stop" rate, read from how each reply generated with the `###` criterion
+    ended, equals that of generating again without it (the base runs on often: a real mix of endings)."""
+    from personatune.evaluate import eos_only_run_on_rate, generate_replies
+    from personatune.metrics import reply_stats
+    from personatune.model import dequantize_frozen_base, load_base_model
+
+    model = load_base_model(base_model_dir, FinetuneConfig())
+    dequantize_frozen_base(model)
+    prompts = PROMPTS + [(PROMPTS[0][0], u) for u in ("Write me a poem.", "Hi", "Tell me about your weekend plans.")]
+    stopped = generate_replies(model, tokenizer, prompts, Decoding(24, 1.1))
+    eos_only = generate_replies(model, tokenizer, prompts, Decoding(24, 1.1), stop_markers=False)
+    assert {g["ended_by"] for g in stopped} >= {"eos"} and {g["ended_by"] for g in stopped} - {"eos"}
+    assert eos_only_run_on_rate(stopped) == reply_stats(eos_only)["run_on_rate"]

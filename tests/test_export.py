@@ -57,7 +57,8 @@ def greedy(model, tok, bundle, prompts) -> list[str]:
     from personatune.decoding import load_decoding
     from personatune.evaluate import generate_replies
 
-    decoding = dataclasses.replace(load_decoding(bundle), max_new_tokens=REPLY_TOKENS)
+    # the merged model has no base to contrast with: both decode without it (the weights are what is compared)
+    decoding = dataclasses.replace(load_decoding(bundle).without_contrast(), max_new_tokens=REPLY_TOKENS)
     return [r["reply"] for r in generate_replies(model, tok, prompts, decoding)]
 
 
@@ -83,9 +84,11 @@ def test_export_writes_every_output_into_the_bundle(tuned_bundle):
     assert (bundle / "Modelfile").is_file()
     assert not list(bundle.glob(".tmp-*")) and not list(bundle.glob(".Modelfile*"))
     # the merged model decodes as the evaluation measured: the bundle's generation_config.json, not the base's
+    # (less the contrast with the base, which a merged model cannot do)
     gen = json.loads((bundle / "merged" / "generation_config.json").read_text())
-    assert gen == json.loads((bundle / "generation_config.json").read_text())
-    assert gen["repetition_penalty"] == 1.1 and gen["stop_strings"] == ["###"]
+    stored = json.loads((bundle / "generation_config.json").read_text())
+    assert stored.pop("base_contrast") == 0.7 and gen == stored
+    assert gen["repetition_penalty"] == 1.15 and gen["stop_strings"] == ["###"]
     # a second export keeps what is complete (a retried task redoes nothing)
     stamp = (bundle / "gguf" / "model-f16.gguf").stat().st_mtime_ns
     from personatune.export import export_bundle
@@ -176,9 +179,10 @@ def test_modelfile_renders_the_training_prompt(tuned_bundle):
     system = text.split('SYSTEM """', 1)[1].split('"""', 1)[0]
     counts = Counter(r["instruction"] for r in json.loads((bundle / "data_rows.json").read_text()))
     assert counts[system] == max(counts.values()) == 59  # the default instruction: one that most rows trained on
-    for wanted in ('PARAMETER stop "###"', "PARAMETER temperature 0", "PARAMETER repeat_penalty 1.1",
+    for wanted in ('PARAMETER stop "###"', "PARAMETER temperature 0", "PARAMETER repeat_penalty 1.15",
                    "PARAMETER repeat_last_n -1", "PARAMETER num_predict 64"):
         assert wanted in lines, wanted
+    assert any(line.startswith("# base_contrast 0.7 ") for line in lines)  # Ollama decodes without it: said so
 
 
 def test_chat_format_modelfile_is_chatml_and_other_templates_are_refused(tokenizer):

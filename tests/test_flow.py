@@ -40,7 +40,8 @@ def test_flow_writes_a_complete_bundle(first_run):
     assert set(ev["metrics"]) == {"base", "challenger"}  # no champion before the first release
     assert ev["golden_rows"] == 8 and ev["probe_prompts"] == 8
     gen = json.loads((run_dir / "generation_config.json").read_text())
-    assert gen["repetition_penalty"] == 1.1 and gen["stop_strings"] == ["###"] and gen["do_sample"] is False
+    assert gen["repetition_penalty"] == 1.15 and gen["stop_strings"] == ["###"] and gen["do_sample"] is False
+    assert gen["base_contrast"] == 0.7 and ev["decoding"]["base_contrast"] == 0.7
     rows = json.loads((run_dir / "data_rows.json").read_text())
     assert len(rows) == len(QUOTES.read_text().splitlines()) - 1
     assert ev["eval_loss"]["base"] > 0 and ev["eval_loss"]["tuned"] > 0

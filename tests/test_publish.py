@@ -194,6 +194,8 @@ def test_push_then_load_back_with_peft(local_run, hub, monkeypatch, tmp_path, ca
     assert f"| {ev['metrics']['base']['golden_loss']:.4f} | {golden:.4f} |" in card.text  # base | challenger
     assert "Release verdict:" in card.text and "## Release history" in card.text
     assert "GenerationConfig.from_pretrained" in card.text
+    # the contrast with the base is personatune's: the card says plain generate() ignores it and how to get it
+    assert "contrasted with the base (`base_contrast` 0.7" in card.text and f"flows.chat --adapter {REPO}" in card.text
     assert "### Instruction:\n{instruction}\n\n### User:\n{user}\n\n### Response:\n" in card.text
     snippet = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
                f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{EMBEDDED_BASE_ON_HUB}"), '
