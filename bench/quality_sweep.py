@@ -261,7 +261,7 @@ def decode(args) -> None:
     """Score trained adapter bundles (a flow run's outputs/<run>/) with several decodings, on the machine at hand
     (the CPU default's own adapter on the CPU box), persona similarity included: the base once per decoding it
     sees (the contrast with the base is the adapter's, so the base decodes without it), each bundle per decoding.
-    Writes every reply and prints the table."""
+    Writes every reply and prints the table; a (bundle, decoding) already in --out is kept, not scored again."""
     import torch
 
     from personatune.config import FinetuneConfig
@@ -284,6 +284,8 @@ def decode(args) -> None:
         models = EvaluationModels()
         try:
             for name in names:
+                if name in entry["decodings"]:
+                    continue  # kept from an earlier call (the results file is read first): only the table again
                 dec = cfg.replace(**decoding(name))
                 base_key = json.dumps({k: v for k, v in decoding(name).items() if k != "base_contrast"}, sort_keys=True)
                 if base_key not in entry["base"]:
