@@ -105,8 +105,8 @@ def main() -> None:
     note("generate_probes_64", t)
     _, t = timed(lambda: gen(both))
     note("generate_both_136", t)
-    with peft.disable_adapter():
-        _, t = timed(lambda: gen(both))
+    with peft.disable_adapter():  # the base alone decodes without the contrast (as the flow scores it)
+        _, t = timed(lambda: gen(both, dec.without_contrast()))
     note("generate_both_136_base", t)
     _, t = timed(lambda: gen(both, stop_markers=False))
     note("generate_both_136_no_stop_strings", t)

@@ -103,11 +103,11 @@ def load_decoding(folder: str | Path, default: Decoding | None = None) -> Decodi
 def base_contrast_processor(model, attention_mask, decoding: Decoding, plausibility: float = CONTRAST_PLAUSIBILITY):
     """A logits processor for `model.generate()` on a peft model: replaces the tuned model's scores by
     (1 + beta) log p_tuned - beta log p_base over the plausible tokens (-inf elsewhere), beta =
-    `decoding.base_contrast`. generate() hands it the tuned scores after its own processors (repetition penalty;
-    temperature when sampling), so the base's logits get the same penalty and temperature: with an adapter that
-    changes nothing, the contrast changes nothing. The base's log-probabilities come from the same model with its
-    adapters switched off, run one token a step on its own KV cache; `attention_mask` is the prompt batch's (left
-    padding). One processor per generate() call."""
+    `decoding.base_contrast`. generate() hands it the tuned scores after its repetition penalty and before its
+    sampling warpers (temperature, top-p: they then act on the contrast), so the base's logits get the same penalty:
+    with an adapter that changes nothing, greedy replies stay as they are. The base's log-probabilities come from
+    the same model with its adapters switched off, run one token a step on its own KV cache; `attention_mask` is the
+    prompt batch's (left padding). One processor per generate() call."""
     import inspect
 
     import torch
@@ -122,7 +122,7 @@ def base_contrast_processor(model, attention_mask, decoding: Decoding, plausibil
 
     class BaseContrast(LogitsProcessor):
         def __init__(self):
-            self.mask, self.cache, self.seen = attention_mask, DynamicCache(), 0
+            self.mask, self.cache, self.seen = attention_mask, DynamicCache(config=model.config), 0
 
         @torch.no_grad()
         def __call__(self, input_ids, scores):
@@ -133,10 +133,9 @@ def base_contrast_processor(model, attention_mask, decoding: Decoding, plausibil
             positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, -new.shape[1]:]
             with model.disable_adapter():
                 out = model(input_ids=new, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                            **{cache_kw: self.cache})
+                            logits_to_keep=1, **{cache_kw: self.cache})  # the prompt's last position only
             base = out.logits[:, -1].float()
-            base = penalty(input_ids, base) if penalty else base
-            base = torch.log_softmax(base / decoding.temperature if decoding.sampling else base, dim=-1)
+            base = torch.log_softmax(penalty(input_ids, base) if penalty else base, dim=-1)
             tuned = torch.log_softmax(scores.float(), dim=-1)
             plausible = tuned >= tuned.max(dim=-1, keepdim=True).values + floor
             contrast = (1 + beta) * tuned - beta * base

@@ -180,7 +180,8 @@ def test_base_contrast_scores_tuned_against_base_log_probs(base_model_dir, token
 
 def test_base_contrast_changes_nothing_when_the_adapter_changes_nothing(base_model_dir, tokenizer):
     """With peft's initial adapter (B = 0) tuned and base agree, so the contrast leaves greedy replies as they are;
-    with a trained adapter it changes them. A model without an adapter to switch off is refused."""
+    with a trained adapter it changes them; sampled with it, the replies depend on the seed only. A model without
+    an adapter to switch off is refused."""
     from personatune.evaluate import generate_replies
     from personatune.model import load_base_model
 
@@ -191,6 +192,10 @@ def test_base_contrast_changes_nothing_when_the_adapter_changes_nothing(base_mod
     trained = _adapted(base_model_dir, 0.05)
     assert ([g["reply"] for g in generate_replies(trained, tokenizer, PROMPTS, contrast)]
             != [g["reply"] for g in generate_replies(trained, tokenizer, PROMPTS, plain)])
+    sampled = Decoding(16, 1.1, 0, 0.9, 0.95, base_contrast=1.0)  # the contrast, then temperature and top-p
+    once = [g["reply"] for g in generate_replies(trained, tokenizer, PROMPTS, sampled, seed=7)]
+    assert once == [g["reply"] for g in generate_replies(trained, tokenizer, PROMPTS, sampled, seed=7)]
+    assert once != [g["reply"] for g in generate_replies(trained, tokenizer, PROMPTS, sampled, seed=8)]
     with pytest.raises(ValueError, match="base_contrast decodes an adapter against its base"):
         generate_replies(load_base_model(base_model_dir, FinetuneConfig()), tokenizer, PROMPTS, contrast)
 
