@@ -114,7 +114,11 @@ def base_contrast_processor(model, attention_mask, decoding: Decoding, plausibil
     from transformers import DynamicCache, LogitsProcessor, RepetitionPenaltyLogitsProcessor
 
     beta = decoding.base_contrast
-    penalty = RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty) if decoding.repetition_penalty != 1.0 else None
+    penalty = None
+    if decoding.repetition_penalty != 1.0:  # as generate() builds its own: the left padding (EOS) is not penalized
+        ignore = ({"prompt_ignore_length": (attention_mask != 0).int().argmax(dim=1)}
+                  if "prompt_ignore_length" in inspect.signature(RepetitionPenaltyLogitsProcessor).parameters else {})
+        penalty = RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty, **ignore)
 
     # transformers renamed the cache keyword (past_key_values -> cache) within the supported range
     cache_kw = "cache" if "cache" in inspect.signature(model.get_base_model().forward).parameters else "past_key_values"

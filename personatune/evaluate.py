@@ -131,6 +131,9 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
     stop_markers=False only EOS stops generation (the seed's behaviour). `prompt_format` is the adapter's
     (personatune.prompt): `chat` prompts through the chat template and stops at its end-of-turn token (`eos`).
     """
+    if decoding.base_contrast and not hasattr(model, "disable_adapter"):
+        raise ValueError("base_contrast decodes an adapter against its base: give a peft model with the adapter "
+                         "active (for the base alone or a merged model use Decoding.without_contrast())")
     model.eval()
     device = next(model.parameters()).device
     stop_ids = stop_token_ids(tok, prompt_format)
@@ -150,9 +153,6 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
         batch_size, decoding.max_new_tokens + max((len(ids) for ids in encoded), default=1),
         model.config.get_text_config().vocab_size, free)
 
-    if decoding.base_contrast and not hasattr(model, "disable_adapter"):
-        raise ValueError("base_contrast decodes an adapter against its base: give a peft model with the adapter "
-                         "active (for the base alone or a merged model use Decoding.without_contrast())")
 
     def run(start: int, end: int) -> list[dict]:
         inputs = tok.pad({"input_ids": encoded[start:end]}, return_tensors="pt").to(device)

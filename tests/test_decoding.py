@@ -155,12 +155,12 @@ def test_base_contrast_scores_tuned_against_base_log_probs(base_model_dir, token
     from personatune.tokenization import encode_prompt
 
     model = _adapted(base_model_dir, 0.05)
-    tokenizer.padding_side = "left"
     batch = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, i, u, "scaffold") for i, u in PROMPTS]},
-                          return_tensors="pt")
+                          return_tensors="pt", padding_side="left")
     assert (batch["attention_mask"] == 0).any()  # prompts of different lengths: some rows are padded
     processor = base_contrast_processor(model, batch["attention_mask"], Decoding(16, 1.3, base_contrast=0.5))
-    penalty = RepetitionPenaltyLogitsProcessor(1.3)
+    # what generate() applies to the tuned scores: the penalty, the left padding (EOS) left out
+    penalty = RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=(batch["attention_mask"] != 0).int().argmax(1))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
         for step in range(3):
