@@ -153,7 +153,6 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
         batch_size, decoding.max_new_tokens + max((len(ids) for ids in encoded), default=1),
         model.config.get_text_config().vocab_size, free)
 
-
     def run(start: int, end: int) -> list[dict]:
         inputs = tok.pad({"input_ids": encoded[start:end]}, return_tensors="pt").to(device)
         if decoding.sampling:
