@@ -100,49 +100,67 @@ def load_decoding(folder: str | Path, default: Decoding | None = None) -> Decodi
                     float(data.get("top_p", 1.0)) if sampling else 1.0, float(data.get("base_contrast", 0.0)))
 
 
-def base_contrast_processor(model, attention_mask, decoding: Decoding, plausibility: float = CONTRAST_PLAUSIBILITY):
+def base_contrast_processor(model, attention_mask, decoding: Decoding, eos_ids=(),
+                            plausibility: float = CONTRAST_PLAUSIBILITY):
     """A logits processor for `model.generate()` on a peft model: replaces the tuned model's scores by
     (1 + beta) log p_tuned - beta log p_base over the plausible tokens (-inf elsewhere), beta =
     `decoding.base_contrast`. generate() hands it the tuned scores after its repetition penalty and before its
     sampling warpers (temperature, top-p: they then act on the contrast), so the base's logits get the same penalty:
     with an adapter that changes nothing, greedy replies stay as they are. The base's log-probabilities come from
     the same model with its adapters switched off, run one token a step on its own KV cache; `attention_mask` is the
-    prompt batch's (left padding). One processor per generate() call."""
+    prompt batch's (left padding). A row that has written one of `eos_ids` (generate's EOS ids: it pads a finished
+    row from then on) leaves the base's batch and cache: its scores no longer choose anything, so they pass through
+    unchanged. One processor per generate() call."""
     import inspect
 
     import torch
     from transformers import DynamicCache, LogitsProcessor, RepetitionPenaltyLogitsProcessor
 
     beta = decoding.base_contrast
-    penalty = None
-    if decoding.repetition_penalty != 1.0:  # as generate() builds its own: the left padding (EOS) is not penalized
-        ignore = ({"prompt_ignore_length": (attention_mask != 0).int().argmax(dim=1)}
-                  if "prompt_ignore_length" in inspect.signature(RepetitionPenaltyLogitsProcessor).parameters else {})
-        penalty = RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty, **ignore)
+    # as generate() builds its own repetition penalty: the left padding (EOS) is not penalized
+    ignore = ((attention_mask != 0).int().argmax(dim=1)
+              if "prompt_ignore_length" in inspect.signature(RepetitionPenaltyLogitsProcessor).parameters else None)
+
+    def penalized(input_ids, logits, rows):
+        if decoding.repetition_penalty == 1.0:
+            return logits
+        extra = {} if ignore is None else {"prompt_ignore_length": ignore[rows]}
+        return RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty, **extra)(input_ids, logits)
 
     # transformers renamed the cache keyword (past_key_values -> cache) within the supported range
     cache_kw = "cache" if "cache" in inspect.signature(model.get_base_model().forward).parameters else "past_key_values"
     floor = math.log(plausibility)
+    eos = torch.tensor(sorted({int(e) for e in eos_ids}), dtype=torch.long, device=attention_mask.device)
+    prompt_length = attention_mask.shape[1]
 
     class BaseContrast(LogitsProcessor):
         def __init__(self):
             self.mask, self.cache, self.seen = attention_mask, DynamicCache(config=model.config), 0
+            self.rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)  # rows in the base's cache
 
         @torch.no_grad()
         def __call__(self, input_ids, scores):
             new = input_ids[:, self.seen:]  # the prompt at the first step, then the token just chosen
             if self.seen:
-                self.mask = torch.cat([self.mask, self.mask.new_ones(new.shape)], dim=1)
+                done = torch.isin(input_ids[self.rows, prompt_length:], eos).any(dim=1) if eos.numel() else None
+                if done is not None and bool(done.any()):
+                    if bool(done.all()):
+                        return scores  # every row has ended: generate() stops after this step
+                    live = (~done).nonzero().flatten()
+                    self.cache.batch_select_indices(live)
+                    self.mask, self.rows = self.mask[live], self.rows[live]
+                self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], new.shape[1]))], dim=1)
             self.seen = input_ids.shape[1]
             positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, -new.shape[1]:]
             with model.disable_adapter():
-                out = model(input_ids=new, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                out = model(input_ids=new[self.rows], attention_mask=self.mask, position_ids=positions, use_cache=True,
                             logits_to_keep=1, **{cache_kw: self.cache})  # the prompt's last position only
-            base = out.logits[:, -1].float()
-            base = torch.log_softmax(penalty(input_ids, base) if penalty else base, dim=-1)
-            tuned = torch.log_softmax(scores.float(), dim=-1)
+            base = torch.log_softmax(penalized(input_ids[self.rows], out.logits[:, -1].float(), self.rows), dim=-1)
+            tuned = torch.log_softmax(scores[self.rows].float(), dim=-1)
             plausible = tuned >= tuned.max(dim=-1, keepdim=True).values + floor
             contrast = (1 + beta) * tuned - beta * base
-            return torch.where(plausible, contrast, torch.full_like(contrast, -math.inf)).to(scores.dtype)
+            result = scores.clone()
+            result[self.rows] = torch.where(plausible, contrast, torch.full_like(contrast, -math.inf)).to(scores.dtype)
+            return result
 
     return BaseContrast()

@@ -28,9 +28,13 @@ from personatune.tokenization import (IGNORE_INDEX, encode_prompt, generation_eo
 from personatune.train import collator, free_accelerator_memory
 
 TRAIN_LOSS_ROWS = 64  # train loss is measured on the first 64 training rows (a fixed sample)
-GENERATION_BATCH = 32  # measured on the 2-core CPU: 32 prompts x 48 tokens took 10.6 s in one batch, 16.8 s in two
-# On a GPU a decoding step costs about the same for 32 or 128 prompts (it waits on launches, not arithmetic), so
-# whole evaluation sets go in one batch when the memory holds them (rows_that_fit).
+# Prompts per generation batch. On the 2-core CPU bigger batches cost less per prompt: the 136 evaluation prompts
+# (golden + probes) took 45 s in one batch, 54 s in two, ~70 s in batches of 32, with the same replies (the tuned
+# default with its base contrast; the base alone 26 / 33 / ~43 s; QUALITY.md, "Evaluation time on the CPU"); 144
+# keeps both sets in one batch without holding a bigger set's KV cache at once. On a GPU a decoding step costs about
+# the same for 32 or 128 prompts (it waits on launches, not arithmetic), so up to 256, as the memory holds them
+# (rows_that_fit).
+GENERATION_BATCH = 144
 GPU_GENERATION_BATCH = 256
 LOSS_BATCH = 16
 # On a GPU the loss is taken over this many token positions at a time: their fp32 logits (and the softmax's copy)
@@ -83,10 +87,11 @@ def free_cuda_bytes(device) -> int | None:
     return int(max(0, min(free + unused_reserved, limit)))
 
 
-def summed_token_loss(logits, labels, chunk: int | None = None):
-    """Summed cross-entropy of next-token predictions (fp32), optionally over `chunk` positions at a time."""
-    flat = logits[:, :-1].reshape(-1, logits.size(-1))
-    targets = labels[:, 1:].reshape(-1)
+def summed_token_loss(logits, targets, chunk: int | None = None):
+    """Summed fp32 cross-entropy of `logits` [rows, positions, vocab] against `targets` [rows, positions] (the
+    token each position predicts, -100 ignored), optionally over `chunk` positions at a time."""
+    flat = logits.reshape(-1, logits.size(-1))
+    targets = targets.reshape(-1)
     if not chunk or flat.shape[0] <= chunk:
         return torch.nn.functional.cross_entropy(flat.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return sum(torch.nn.functional.cross_entropy(flat[s:s + chunk].float(), targets[s:s + chunk],
@@ -96,26 +101,30 @@ def summed_token_loss(logits, labels, chunk: int | None = None):
 
 @torch.no_grad()
 def mean_loss(model, dataset, tok, batch_size: int = LOSS_BATCH) -> float:
-    """Mean cross-entropy per response token (prompt and padding are masked out). On a GPU the batches are sized
-    to the free memory, the logits taken in chunks, and a batch that runs out of memory is retried smaller; on a
-    CPU the numbers are computed exactly as before (16 rows, the whole batch at once)."""
+    """Mean cross-entropy per response token (prompt and padding are masked out). Rows go in batches of similar
+    length (longest first), and the head is applied only at the positions where some row of the batch has a label
+    (`logits_to_keep`): less padding and no prompt logits, the same value. On a GPU the batches are sized to the
+    free memory, the logits taken in chunks, and a batch that runs out of memory is retried smaller."""
     model.eval()
     collate = collator(tok)
     device = next(model.parameters()).device
+    rows = [dataset[i] for i in range(len(dataset))]
+    rows.sort(key=lambda r: -len(r["input_ids"]))
     free = free_cuda_bytes(device)
     size = batch_size if free is None else rows_that_fit(
-        batch_size, max((len(dataset[i]["input_ids"]) for i in range(len(dataset))), default=1),
-        model.config.get_text_config().vocab_size, free)
+        batch_size, max((len(r["input_ids"]) for r in rows), default=1), model.config.get_text_config().vocab_size,
+        free)
     chunk = LOGIT_CHUNK_TOKENS if device.type == "cuda" else None
 
     def run(start: int, end: int) -> tuple[float, int]:
-        batch = collate([dataset[i] for i in range(start, end)])
+        batch = collate(rows[start:end])
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"]
-        return summed_token_loss(logits, labels, chunk).item(), int((labels[:, 1:] != IGNORE_INDEX).sum())
+        targets = batch["labels"][:, 1:]  # position p predicts token p + 1
+        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+        return summed_token_loss(logits, targets[:, keep], chunk).item(), int((targets != IGNORE_INDEX).sum())
 
-    parts = in_batches(len(dataset), size, run)
+    parts = in_batches(len(rows), size, run)
     return sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1)
 
 
@@ -137,8 +146,9 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
     model.eval()
     device = next(model.parameters()).device
     stop_ids = stop_token_ids(tok, prompt_format)
-    kwargs = dict(max_new_tokens=decoding.max_new_tokens, pad_token_id=tok.pad_token_id,
-                  eos_token_id=generation_eos(tok, prompt_format),
+    eos = generation_eos(tok, prompt_format)
+    eos_ids = eos if isinstance(eos, (list, tuple)) else [eos]
+    kwargs = dict(max_new_tokens=decoding.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos,
                   use_cache=True, streamer=streamer, **decoding.generate_kwargs())
     if stop_markers and stop_strings(prompt_format):
         kwargs.update(stop_strings=stop_strings(prompt_format), tokenizer=tok)
@@ -158,7 +168,7 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
         if decoding.sampling:
             torch.manual_seed(seed + start)
         contrast = ({"logits_processor": LogitsProcessorList([base_contrast_processor(
-            model, inputs["attention_mask"], decoding)])} if decoding.base_contrast else {})
+            model, inputs["attention_mask"], decoding, eos_ids)])} if decoding.base_contrast else {})
         out = model.generate(**inputs, **kwargs, **contrast)
         return [_describe(tok, instruction, user, row, stop_ids, prompt_format)
                 for (instruction, user), row in zip(prompts[start:end], out[:, inputs["input_ids"].shape[1]:].tolist())]
@@ -280,13 +290,14 @@ def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, sim
 def replies_per_set(model, tok, sets: dict[str, list[dict]], decoding: Decoding, seed: int = 0,
                     prompt_format: str = "scaffold", k: int = 1, joint: bool | None = None) -> dict[str, list[list[dict]]]:
     """k reply sets (sample j seeded seed + SAMPLE_SEED_STRIDE j) for each evaluation set. joint (default: greedy
-    decoding on a GPU): every set goes into the same generation batches, since a decoding step there waits on kernel
-    launches, not arithmetic, so 136 prompts cost about what 64 do (bench/eval_gpu.py). A set's replies may then move
-    with the other set's prompts (the padding of a shared batch), which the score's cache key covers (it hashes
-    every set). Sampling batches each set on its own, so a set's random draws depend on its own prompts only; so
-    does a CPU, as measured there."""
+    decoding): every set goes into the same generation batches, since a bigger batch costs less per prompt: on a GPU
+    a decoding step waits on kernel launches, not arithmetic, so 136 prompts cost about what 64 do
+    (bench/eval_gpu.py); on the CPU one batch of 136 took 45 s against ~70 s in batches of 32 (GENERATION_BATCH). A
+    set's replies may then move with the other set's prompts (the padding of a shared batch; none moved in that
+    measurement), which the score's cache key covers (it hashes every set). Sampling batches each set on its own,
+    so a set's random draws depend on its own prompts only."""
     if joint is None:
-        joint = not decoding.sampling and free_cuda_bytes(next(model.parameters()).device) is not None
+        joint = not decoding.sampling
 
     def sample_runs(rows: list[dict]) -> list[list[dict]]:
         prompts = [(r["instruction"], r["user"]) for r in rows]

@@ -71,11 +71,12 @@ class TrainPlan:
     checkpoint_layers: int         # decoder layers whose activations are recomputed in backward
     total_layers: int
     attention: str                 # "varlen" (flash, per-example) or "sdpa" (stock)
-    lean_head: bool                # frozen embedding/lm_head kept in the compute dtype (not fp32), loss chunked
+    lean_head: bool                # frozen embedding/lm_head kept in the compute dtype (not fp32), the loss applies
+                                   # the head at the labelled positions only (speedups.use_lean_head)
     estimated_peak_gib: float | None
     budget_gib: float | None
     reason: str
-    loss_chunk_tokens: int = 1024  # tokens whose logits exist at once in the chunked loss
+    loss_chunk_tokens: int = 1024  # tokens whose logits exist at once in the chunked loss (0: all, not recomputed)
     compile: bool = False          # torch.compile each decoder layer (regional compilation)
     dequantized_base: bool = False  # frozen NF4 weights cached dequantized (same values, 4x their memory, no
                                     # dequantize kernels in the step)
@@ -208,9 +209,11 @@ def plan_training(cfg, shape: ModelShape | None = None, lengths: list[int] | Non
     if profile == "auto" and not cuda:
         # The CPU default: the config's layout, with the frozen NF4 weights dequantized once (the same values the
         # 4-bit kernels compute with) instead of on every forward and backward pass (QUALITY.md: CPU step times).
+        # The loss applies the frozen head at the reply's positions only, all at once (memory is not the limit).
         return TrainPlan("cpu", cfg.micro_batch_size, cfg.grad_accum, cfg.packing,
-                         layers if cfg.gradient_checkpointing else 0, layers, "sdpa", False, None, None,
-                         "CPU: config layout, frozen NF4 weights dequantized once", dequantized_base=cfg.load_in_4bit)
+                         layers if cfg.gradient_checkpointing else 0, layers, "sdpa", True, None, None,
+                         "CPU: config layout, frozen NF4 weights dequantized once, head applied at the reply tokens only",
+                         loss_chunk_tokens=0, dequantized_base=cfg.load_in_4bit)
     if profile == "auto":
         profile = "gpu"
     if profile == "manual" or not cuda:

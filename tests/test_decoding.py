@@ -105,7 +105,7 @@ def test_several_sampled_replies_per_prompt_are_averaged(base_model_dir, tokeniz
 
 
 def test_sets_generated_in_one_batch_get_their_own_replies_back(base_model_dir, tokenizer):
-    """joint=True (a GPU's default: every evaluation set in the same generation batches): each set gets the replies
+    """joint=True (the greedy default: every evaluation set in the same generation batches): each set gets the replies
     to its own prompts, in order, and the same replies as when each set is generated alone (greedy)."""
     from personatune.evaluate import replies_per_set
     from personatune.model import dequantize_frozen_base, load_base_model
@@ -214,3 +214,44 @@ def test_the_eos_only_run_on_rate_is_read_from_the_replies_with_stop_criteria(ba
     eos_only = generate_replies(model, tokenizer, prompts, Decoding(24, 1.1), stop_markers=False)
     assert {g["ended_by"] for g in stopped} >= {"eos"} and {g["ended_by"] for g in stopped} - {"eos"}
     assert eos_only_run_on_rate(stopped) == reply_stats(eos_only)["run_on_rate"]
+
+
+def test_base_contrast_runs_the_base_on_the_rows_still_writing(base_model_dir, tokenizer):
+    """A row that has written EOS (generate() pads it from then on) leaves the base's batch and KV cache: generate()
+    gives the same tokens as with a processor that keeps every row (no EOS ids given), and the base's passes shrink
+    as rows end."""
+    from transformers import LogitsProcessorList
+
+    from personatune.decoding import base_contrast_processor
+    from personatune.tokenization import encode_prompt, generation_eos
+
+    model = _adapted(base_model_dir, 0.02)
+    prompts = PROMPTS + [("Be terse.", "Say one word."), ("Be terse.", "Yes or no?")]
+    batch = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, i, u, "scaffold") for i, u in prompts]},
+                          return_tensors="pt", padding_side="left")
+    decoding, eos = Decoding(48, 1.1, base_contrast=0.5), generation_eos(tokenizer, "scaffold")
+    rows_seen: list[int] = []
+
+    def generate(eos_ids):
+        rows_seen.clear()
+        processor = base_contrast_processor(model, batch["attention_mask"], decoding, eos_ids)
+        with torch.no_grad():
+            return model.generate(**batch, max_new_tokens=48, do_sample=False, repetition_penalty=1.1,
+                                  eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                  logits_processor=LogitsProcessorList([processor]))
+
+    hook = model.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        every_row = generate(())
+        every_row_passes = list(rows_seen)
+        live_rows = generate([eos] if isinstance(eos, int) else eos)
+    finally:
+        hook.remove()
+    assert torch.equal(every_row, live_rows)
+    ended = [(row[batch["input_ids"].shape[1]:-1] == tokenizer.eos_token_id).any().item() for row in live_rows]
+    assert any(ended)  # a row wrote EOS before the last step
+    assert set(every_row_passes) == {len(prompts)}  # tuned and base passes over all five rows
+    base_passes = rows_seen[1::2]  # tuned pass, then the processor's base pass, each step
+    assert base_passes[0] == len(prompts) and min(base_passes) < len(prompts)
+    assert base_passes == sorted(base_passes, reverse=True)

@@ -343,6 +343,33 @@ def test_evaluation_batches_fit_the_free_memory_and_shrink_on_out_of_memory():
         in_batches(3, 4, lambda s, e: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("no")))
 
 
+def test_held_out_loss_is_the_mean_over_reply_tokens_of_every_row(base_model_dir, tokenizer):
+    """mean_loss (rows sorted by length, logits only where a row of the batch has a label) equals the plain
+    computation: each row alone, every position's logits, cross-entropy summed over its reply tokens."""
+    from personatune.config import FinetuneConfig
+    from personatune.evaluate import mean_loss
+    from personatune.model import load_base_model
+    from personatune.tokenization import IGNORE_INDEX, encode_example
+    from tests.test_packing import ROWS
+
+    rows = ROWS + [("Be grim.", "Any plans for the weekend?", "Digging, mostly. The garden keeps its secrets badly."),
+                   ("Give grim advice as Wednesday Addams.", "My sister borrowed my sweater without asking. What now?",
+                    "Borrow her diary. Read it aloud at dinner. Return it, annotated.")]
+    rows = [dict(zip(("input_ids", "labels"), encode_example(tokenizer, *r))) for r in rows]
+    rows = [{**r, "attention_mask": [1] * len(r["input_ids"])} for r in rows]
+    assert len({len(r["input_ids"]) for r in rows}) == len(rows)  # all lengths differ: batches are padded
+    model = load_base_model(base_model_dir, FinetuneConfig(compute_dtype="fp32", load_in_4bit=False)).eval()
+    total = tokens = 0
+    with torch.no_grad():
+        for r in rows:
+            logits = model(input_ids=torch.tensor([r["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(r["labels"][1:])
+            total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            tokens += int((labels != IGNORE_INDEX).sum())
+    assert mean_loss(model, rows, tokenizer, batch_size=2) == pytest.approx(total / tokens, rel=1e-5)
+    assert 0.5 < total / tokens < 15
+
+
 def test_held_out_loss_is_the_same_when_batches_run_out_of_memory(base_model_dir, tokenizer, tmp_path, good_rows):
     """mean_loss retried in smaller batches after an out-of-memory error gives the loss of the full batches."""
     from personatune.evaluate import mean_loss

@@ -41,8 +41,9 @@ def test_cpu_auto_keeps_the_config_layout_with_the_frozen_weights_dequantized():
     cfg = FinetuneConfig()
     plan = plan_training(cfg, cuda=False)
     assert plan.profile == "cpu" and (plan.micro_batch_size, plan.grad_accum) == (cfg.micro_batch_size, cfg.grad_accum)
-    assert plan.attention == "sdpa" and not plan.lean_head and not plan.compile and plan.packing == cfg.packing
+    assert plan.attention == "sdpa" and not plan.compile and plan.packing == cfg.packing
     assert plan.dequantized_base  # the NF4 values once, instead of dequantizing them in every pass
+    assert plan.lean_head and plan.loss_chunk_tokens == 0  # the head at the reply tokens only, all at once
     assert not plan_training(cfg.replace(load_in_4bit=False), cuda=False).dequantized_base  # nothing to dequantize
     manual = plan_training(cfg.replace(profile="manual"), cuda=False)
     assert manual.profile == "manual" and not manual.dequantized_base
@@ -104,6 +105,33 @@ def test_chunked_loss_equals_full_loss_and_gradient():
     assert torch.allclose(g_full, g_chunk, rtol=1e-6, atol=1e-9)
     mean = chunked_causal_lm_loss(hidden, labels, weight, chunk=8)
     assert torch.allclose(mean.double(), ForCausalLMLoss(hidden @ weight.T, labels, 97).double(), rtol=1e-6)
+    at_once = chunked_causal_lm_loss(hidden, labels, weight, torch.tensor(33), chunk=0)  # the CPU plan's
+    (g_once,) = torch.autograd.grad(at_once, hidden)
+    assert torch.allclose(full.double(), at_once.double(), rtol=1e-6)
+    assert torch.allclose(g_full, g_once, rtol=1e-6, atol=1e-9)
+    assert float(g_once[0, :9].abs().max()) == 0.0  # positions before the first label take no part
+
+
+def test_cpu_plan_trains_exactly_like_the_stock_model(base_model_dir, tokenizer):
+    """The CPU plan applies the frozen head at the labelled positions only: the same loss and LoRA gradients as
+    the stock model computing every position's logits (fp32, packed rows, as the CPU default trains)."""
+    from personatune.model import dequantize_frozen_base
+    from tests.test_packing import features
+
+    model = _trainable_model(base_model_dir)
+    dequantize_frozen_base(model)
+    packed = collator(tokenizer, packing=True)([{k: v for k, v in f.items() if k != "attention_mask"}
+                                                for f in features(tokenizer)])
+    loss_stock, g_stock = _loss_and_lora_grads(model, packed)
+    plan = plan_training(FinetuneConfig(compute_dtype="fp32"), cuda=False)
+    apply_plan(model, plan, torch.float32)
+    assert plan.lean_head and model.get_base_model().get_output_embeddings().__class__.__name__ == "_LeanHead"
+    loss, g = _loss_and_lora_grads(model, packed)
+    assert abs(loss - loss_stock) / loss_stock < 1e-6 and float((g - g_stock).norm() / g_stock.norm()) < 1e-5
+    assert g_stock.abs().sum() > 0
+    model.eval()  # evaluation (the Trainer's held-out loss) computes every position's logits again
+    with torch.no_grad():
+        assert model(**packed).logits.shape[-1] == model.config.vocab_size
 
 
 def test_varlen_collator_marks_example_boundaries(tokenizer):
