@@ -100,6 +100,17 @@ def load_decoding(folder: str | Path, default: Decoding | None = None) -> Decodi
                     float(data.get("top_p", 1.0)) if sampling else 1.0, float(data.get("base_contrast", 0.0)))
 
 
+def generate_ignores_left_padding() -> bool:
+    """Whether this transformers' generate() leaves a left-padded row's padding out of its repetition penalty (it
+    hands RepetitionPenaltyLogitsProcessor the padding lengths: transformers 5.2x). Older ones (5.17) penalize the
+    padding with the prompt, and their processor takes no per-row lengths."""
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    return "prompt_ignore_length" in inspect.getsource(GenerationMixin._get_logits_processor)
+
+
 def base_contrast_processor(model, attention_mask, decoding: Decoding, eos_ids=(),
                             plausibility: float = CONTRAST_PLAUSIBILITY):
     """A logits processor for `model.generate()` on a peft model: replaces the tuned model's scores by
@@ -117,9 +128,9 @@ def base_contrast_processor(model, attention_mask, decoding: Decoding, eos_ids=(
     from transformers import DynamicCache, LogitsProcessor, RepetitionPenaltyLogitsProcessor
 
     beta = decoding.base_contrast
-    # as generate() builds its own repetition penalty: the left padding (EOS) is not penalized
-    ignore = ((attention_mask != 0).int().argmax(dim=1)
-              if "prompt_ignore_length" in inspect.signature(RepetitionPenaltyLogitsProcessor).parameters else None)
+    # as this transformers' generate() builds its own repetition penalty: newer ones leave the left padding (EOS) out
+    # (prompt_ignore_length = the padding lengths), older ones penalize it with the prompt
+    ignore = (attention_mask != 0).int().argmax(dim=1) if generate_ignores_left_padding() else None
 
     def penalized(input_ids, logits, rows):
         if decoding.repetition_penalty == 1.0:

@@ -151,7 +151,7 @@ def test_base_contrast_scores_tuned_against_base_log_probs(base_model_dir, token
 
     from transformers import RepetitionPenaltyLogitsProcessor
 
-    from personatune.decoding import base_contrast_processor
+    from personatune.decoding import base_contrast_processor, generate_ignores_left_padding
     from personatune.tokenization import encode_prompt
 
     model = _adapted(base_model_dir, 0.05)
@@ -160,6 +160,7 @@ def test_base_contrast_scores_tuned_against_base_log_probs(base_model_dir, token
     assert (batch["attention_mask"] == 0).any()  # prompts of different lengths: some rows are padded
     processor = base_contrast_processor(model, batch["attention_mask"], Decoding(16, 1.3, base_contrast=0.5))
     # what generate() applies to the tuned scores: the penalty, the left padding (EOS) left out
+    assert generate_ignores_left_padding()  # transformers 5.2x, as installed here (5.17 penalizes the padding too)
     penalty = RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=(batch["attention_mask"] != 0).int().argmax(1))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
