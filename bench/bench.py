@@ -278,8 +278,10 @@ def variant(args, train=None, plan_over: dict | None = None, arguments: dict | N
     train = train or train_adapter
     work = Path(args.dir)
     steps = args.warmup + args.steps
+    # PERSONATUNE_BENCH_PROFILE_STEPS=k: k more steps after the timed ones, under torch.profiler (step_profile)
+    profile_steps = int(os.environ.get("PERSONATUNE_BENCH_PROFILE_STEPS", 0) or 0)
     model_dir = str(work / "llama2-7b-shaped")
-    cfg = FinetuneConfig(**{**cfg_over, "max_steps": steps, "seed": 42, "output_dir": str(work / "out")})
+    cfg = FinetuneConfig(**{**cfg_over, "max_steps": steps + profile_steps, "seed": 42, "output_dir": str(work / "out")})
     plan = plan_for_run(cfg, model_dir, work / "tokenized", min_compile_steps=0)  # the steady-state step
     over = {**(variant_plan or {}), **(plan_over or {}), **({"logging_steps": logging_steps} if logging_steps else {})}
     if over:
@@ -294,6 +296,7 @@ def variant(args, train=None, plan_over: dict | None = None, arguments: dict | N
 
     times: list[float] = []
     peaks = {}
+    profiled: dict = {}
 
     class Timer(TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):
@@ -308,6 +311,16 @@ def variant(args, train=None, plan_over: dict | None = None, arguments: dict | N
             if state.global_step in (args.warmup, args.warmup + args.steps):
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
+            if profile_steps and state.global_step == steps:  # after the timed window: profiling slows steps
+                profiled["profiler"] = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                profiled["profiler"].__enter__()
+                profiled["start"] = time.perf_counter()
+            elif profile_steps and state.global_step == steps + profile_steps and "profiler" in profiled:
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - profiled["start"]
+                profiled["profiler"].__exit__(None, None, None)
+                profiled.update(step_profile(profiled.pop("profiler"), profile_steps, wall))
 
     out_dir = work / "runs" / args.name
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -319,15 +332,40 @@ def variant(args, train=None, plan_over: dict | None = None, arguments: dict | N
     accum = plan["grad_accum"]
     t0, t1 = times[args.warmup], times[steps]       # end of warm-up step .. end of last step
     tokens = sum(counts[args.warmup * accum: steps * accum])
-    losses = [e["loss"] for e in hist["loss"]]
+    logged = [e for e in hist["loss"] if e["step"] <= steps]  # the profiled steps, if any, are not in the numbers
+    losses = [e["loss"] for e in logged]
     res = {"name": args.name, "plan": plan, "tokens": tokens, "seconds": t1 - t0, "tok_s": tokens / (t1 - t0),
            "step_s": (t1 - t0) / args.steps, "tokens_per_step": tokens / args.steps,
            "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB,
            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB, **peaks,
            "loss_first": losses[0], "loss_last": losses[-1], "losses": losses, "steps": steps,
-           "step_times": [round(b - a, 4) for a, b in zip(times, times[1:])],
-           "loss_steps": [e["step"] for e in hist["loss"]], "batch_tokens": counts[:steps * accum]}
+           "step_times": [round(b - a, 4) for a, b in zip(times[:steps + 1], times[1:steps + 1])],
+           "loss_steps": [e["step"] for e in logged], "batch_tokens": counts[:steps * accum]}
+    if profiled:
+        res["profile"] = profiled
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def step_profile(prof, steps: int, wall_s: float, top: int = 12) -> dict:
+    """Where `steps` profiled optimizer steps spent their time, per step: wall, the GPU's kernel time (compute, and
+    NCCL collectives apart: they run on their own stream, so they may overlap compute), and the ops with the most
+    GPU and host time."""
+    def device_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    events = prof.key_averages()
+    nccl = [e for e in events if "nccl" in e.key.lower()]
+    kernels = sum(device_us(e) for e in events) / 1e3 / steps
+    collectives = sum(device_us(e) for e in nccl) / 1e3 / steps
+    by_gpu = sorted(events, key=device_us, reverse=True)[:top]
+    by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"steps": steps, "wall_ms_per_step": round(1e3 * wall_s / steps, 2),
+            "gpu_kernel_ms_per_step": round(kernels, 2), "nccl_ms_per_step": round(collectives, 2),
+            "compute_ms_per_step": round(kernels - collectives, 2),
+            "top_gpu": [{"op": e.key[:90], "ms_per_step": round(device_us(e) / 1e3 / steps, 3), "calls": e.count // steps}
+                        for e in by_gpu],
+            "top_host": [{"op": e.key[:90], "ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
+                          "calls": e.count // steps} for e in by_host]}
 
 
 # ------------------------------------------------------------------------------------------------ driver (GPU)

@@ -109,6 +109,8 @@ def run(args) -> None:
     n, work, env, bench_py, setup, t = _prepare(args)
     print(f"setup {time.time() - t:.0f} s: {json.dumps(setup)}", flush=True)
     steps = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.profile_steps:  # after the timed steps, every run (and rank) profiles that many more (bench.step_profile)
+        os.environ["PERSONATUNE_BENCH_PROFILE_STEPS"] = env["PERSONATUNE_BENCH_PROFILE_STEPS"] = str(args.profile_steps)
 
     t = time.time()
     if args.one_via_torchrun:  # 1 GPU through the launcher of the N-GPU runs (torchrun --nproc-per-node 1)
@@ -131,7 +133,8 @@ def run(args) -> None:
     many = {"tok_s": tokens / r0["seconds"], "step_s": r0["step_s"], "tokens": tokens, "seconds": r0["seconds"],
             "losses": r0["losses"], "peak_alloc_gib": max(r["peak_alloc_gib"] for r in ranks.values()),
             "plan": r0["plan"], "per_rank_tokens": [ranks[i]["tokens"] for i in sorted(ranks)],
-            "step_times": r0["step_times"]}
+            "step_times": r0["step_times"],
+            "profiles": {rank: r["profile"] for rank, r in ranks.items() if "profile" in r}}
     print(f"{n} GPUs ({time.time() - t:.0f} s): {many['tok_s']:.0f} tok/s, step {many['step_s']:.3f} s, "
           f"losses {many['losses']}", flush=True)
     cmp = compare(one, many, n)
@@ -177,6 +180,8 @@ def run(args) -> None:
              f"{100 * cmp['final_rel_diff_same_step']:.1f}% at the last, {100 * cmp['mean_last_k_rel_diff_same_step']:.1f}% "
              f"between the means of the last {cmp['last_k']} steps. At the same number of examples seen: {ex}.\n")
     text = header + "\n" + "\n".join(rows) + "\n" + notes
+    if one.get("profile") and many["profiles"]:
+        text += "\n" + profile_table(one["profile"], many["profiles"], n)
     print("\n" + text)
     result.update(card=card, date=dt.date.today().isoformat(), table=text)
     for path in single.save_result(result, name, args.results, args.out):
@@ -184,6 +189,19 @@ def run(args) -> None:
     if args.write:
         with open(args.write, "a", encoding="utf-8") as f:
             f.write("\n" + text)
+
+
+def profile_table(one: dict, ranks: dict, n: int) -> str:
+    """1 GPU vs each rank of the N-GPU run, per profiled optimizer step (torch.profiler, bench.step_profile)."""
+    rows = ["| run | wall ms / step | GPU kernels ms / step | of which NCCL | compute | GPU idle (wall - kernels) | top GPU ops |",
+            "|---|---:|---:|---:|---:|---:|---|"]
+    for name, p in [("1 GPU", one)] + [(f"{n} GPUs, rank {k}", ranks[k]) for k in sorted(ranks, key=int)]:
+        tops = "; ".join(f"{o['op'][:40]} {o['ms_per_step']:.1f}" for o in p["top_gpu"][:3])
+        rows.append(f"| {name} | {p['wall_ms_per_step']:.1f} | {p['gpu_kernel_ms_per_step']:.1f} | "
+                    f"{p['nccl_ms_per_step']:.1f} | {p['compute_ms_per_step']:.1f} | "
+                    f"{p['wall_ms_per_step'] - p['gpu_kernel_ms_per_step']:.1f} | {tops} |")
+    return (f"Profile of {one['steps']} optimizer steps after the timed ones (torch.profiler, which slows them):\n\n"
+            + "\n".join(rows) + "\n")
 
 
 # variant -> ("1" or "N" GPUs, bench/ddp_variants.py settings and/or a logging interval other than the plan's)
@@ -278,6 +296,8 @@ def main() -> None:
     p.add_argument("--write", default="")
     p.add_argument("--timeout", type=int, default=300)
     p.add_argument("--check-launcher", action="store_true")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="profile this many more steps after the timed ones, on 1 GPU and on every rank")
     p.add_argument("--one-via-torchrun", action="store_true",
                    help="run the 1-GPU measurement as one torchrun rank (the N-GPU path's launcher) instead of in-process")
     p = sub.add_parser("sweep", help="1 GPU, then N GPUs once per variant (bench/ddp_variants.py)")
