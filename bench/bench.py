@@ -321,6 +321,8 @@ def variant(args, train=None, plan_over: dict | None = None, arguments: dict | N
                 wall = time.perf_counter() - profiled["start"]
                 profiled["profiler"].__exit__(None, None, None)
                 profiled.update(step_profile(profiled.pop("profiler"), profile_steps, wall))
+                accum = plan.grad_accum
+                profiled["tokens_per_step"] = [sum(counts[k * accum:(k + 1) * accum]) for k in range(steps, steps + profile_steps)]
 
     out_dir = work / "runs" / args.name
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -353,12 +355,19 @@ def step_profile(prof, steps: int, wall_s: float, top: int = 12) -> dict:
     def device_us(e):
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
 
+    from torch.autograd import DeviceType
+
     events = prof.key_averages()
-    nccl = [e for e in events if "nccl" in e.key.lower()]
-    kernels = sum(device_us(e) for e in events) / 1e3 / steps
+    # the GPU's own events (kernels, memcpy/memset); a host op's device time counts its kernels again, and the
+    # annotated ranges mirrored on the GPU timeline (DDP forward, optimizer step, nccl:all_reduce) span kernels
+    on_gpu = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA
+              and not getattr(e, "is_user_annotation", False)]
+    nccl = [e for e in on_gpu if "nccl" in e.key.lower()]  # includes the time a rank waits for the other
+    kernels = sum(device_us(e) for e in on_gpu) / 1e3 / steps
     collectives = sum(device_us(e) for e in nccl) / 1e3 / steps
-    by_gpu = sorted(events, key=device_us, reverse=True)[:top]
-    by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    by_gpu = sorted(on_gpu, key=device_us, reverse=True)[:top]
+    by_host = sorted([e for e in events if getattr(e, "device_type", None) != DeviceType.CUDA],
+                     key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return {"steps": steps, "wall_ms_per_step": round(1e3 * wall_s / steps, 2),
             "gpu_kernel_ms_per_step": round(kernels, 2), "nccl_ms_per_step": round(collectives, 2),
             "compute_ms_per_step": round(kernels - collectives, 2),
