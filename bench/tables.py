@@ -255,11 +255,39 @@ def multi_gpu_logs(folder: str = "h200x2_multi_gpu_20261129") -> str:
     return markdown(["run", "GPUs", "real tokens/s", "x 1 GPU", "s / step", "loss step 1 -> 15"], rows)
 
 
+def multi_gpu_runs(prefix: str = "multi_gpu_2gpu_20261130-") -> str:
+    """`bench/multi_gpu.py run --gpus 2` records (raw JSON): tokens/s and step time on 1 and 2 GPUs, the speed-up."""
+    rows = []
+    for path in sorted(RESULTS.glob(f"{prefix}*.json")):
+        d = json.loads(path.read_text(encoding="utf-8"))
+        one, many = d["one"], d["many"]
+        rows.append([f"`{path.stem.removeprefix(prefix)}`", f"{one['tok_s']:,.0f} ({one['step_s']:.3f})",
+                     f"{many['tok_s']:,.0f} ({many['step_s']:.3f})", f"{d['speedup']:.2f}"])
+    return markdown(["run", "1 GPU tok/s (s / step)", "2 GPUs tok/s (s / step)", "x 1 GPU"], rows)
+
+
+def multi_gpu_profile(name: str = "multi_gpu_2gpu_20261130-001010") -> str:
+    """The step profile of a `multi_gpu.py run --profile-steps N` record, per profiled optimizer step: 1 GPU and each
+    rank (bench.step_profile: GPU kernels only, NCCL apart; the host's cudaStreamSynchronize when among its top ops)."""
+    d = load(name)
+    runs = [("1 GPU", d["one"]["profile"])] + [(f"2 GPUs, rank {k}", d["many"]["profiles"][k])
+                                                for k in sorted(d["many"]["profiles"], key=int)]
+    rows = []
+    for label, prof in runs:
+        tokens = prof["tokens_per_step"]
+        sync = next((o["ms_per_step"] for o in prof["top_host"] if o["op"] == "cudaStreamSynchronize"), None)
+        rows.append([label, f"{min(tokens):,}-{max(tokens):,}", f"{prof['wall_ms_per_step']:.1f}",
+                     f"{prof['compute_ms_per_step']:.1f}", f"{prof['nccl_ms_per_step']:.1f}",
+                     "-" if sync is None else f"{sync:.1f}"])
+    return markdown(["run", "tokens / step", "wall ms", "GPU kernels ms (not NCCL)",
+                     "NCCL kernels ms (incl. waiting for the other rank)", "host cudaStreamSynchronize ms"], rows)
+
+
 # block name -> function printing it: one table per run file (named as the file), and the targets judged on them
 TABLES = {**{name: (lambda name=name: run_table(name)) for name in _run_files()},
           "bench_targets": bench_targets, "multi_gpu_targets": multi_gpu_targets, "flow_h200": flow_runs,
           "flow_gpu_records": flow_gpu_records, "flow_gpu_cards": flow_gpu_cards,
-          "multi_gpu_logs": multi_gpu_logs}
+          "multi_gpu_logs": multi_gpu_logs, "multi_gpu_runs": multi_gpu_runs, "multi_gpu_profile": multi_gpu_profile}
 
 
 def _segments(text: str) -> list[tuple[str | None, str]]:
