@@ -193,12 +193,12 @@ def run(args) -> None:
 
 def profile_table(one: dict, ranks: dict, n: int) -> str:
     """1 GPU vs each rank of the N-GPU run, per profiled optimizer step (torch.profiler, bench.step_profile)."""
-    rows = ["| run | wall ms / step | GPU kernels ms / step | of which NCCL | compute | GPU idle (wall - kernels) | top GPU ops |",
-            "|---|---:|---:|---:|---:|---:|---|"]
+    rows = ["| run | tokens / step | wall ms / step | GPU compute ms / step | NCCL kernels ms / step (incl. waiting) | "
+            "wall - compute - NCCL | top GPU kernels (ms / step) |", "|---|---|---:|---:|---:|---:|---|"]
     for name, p in [("1 GPU", one)] + [(f"{n} GPUs, rank {k}", ranks[k]) for k in sorted(ranks, key=int)]:
-        tops = "; ".join(f"{o['op'][:40]} {o['ms_per_step']:.1f}" for o in p["top_gpu"][:3])
-        rows.append(f"| {name} | {p['wall_ms_per_step']:.1f} | {p['gpu_kernel_ms_per_step']:.1f} | "
-                    f"{p['nccl_ms_per_step']:.1f} | {p['compute_ms_per_step']:.1f} | "
+        tops = "; ".join(f"{o['op'][:32]} {o['ms_per_step']:.1f}" for o in p["top_gpu"][:3])
+        rows.append(f"| {name} | {', '.join(map(str, p.get('tokens_per_step', [])))} | {p['wall_ms_per_step']:.1f} | "
+                    f"{p['compute_ms_per_step']:.1f} | {p['nccl_ms_per_step']:.1f} | "
                     f"{p['wall_ms_per_step'] - p['gpu_kernel_ms_per_step']:.1f} | {tops} |")
     return (f"Profile of {one['steps']} optimizer steps after the timed ones (torch.profiler, which slows them):\n\n"
             + "\n".join(rows) + "\n")
