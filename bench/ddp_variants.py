@@ -6,12 +6,17 @@ run-to-run spread). They reach the recipe through its public seams only: Trainin
 from __future__ import annotations
 
 # variant settings: what each can switch (all off is what the recipe does)
-SETTINGS = ("static_graph", "gradient_as_bucket_view", "balance_tokens")
+SETTINGS = ("static_graph", "gradient_as_bucket_view", "balance_tokens", "non_blocking")
 
 
 def arguments(settings: dict) -> dict:
-    """TrainingArguments fields for `settings`: DDP static_graph (every LoRA parameter is used in every step)."""
-    return {"ddp_static_graph": True} if settings.get("static_graph") else {}
+    """TrainingArguments fields for `settings`: DDP static_graph (every LoRA parameter is used in every step);
+    `non_blocking`: accelerate copies each batch to the GPU without waiting for it (pinned memory), so the host does
+    not block at the start of a step until the GPU has finished the previous one (its all-reduce included)."""
+    out: dict = {"ddp_static_graph": True} if settings.get("static_graph") else {}
+    if settings.get("non_blocking"):
+        out["accelerator_config"] = {"non_blocking": True}
+    return out
 
 
 def balance_chunk(indices: list[int], lengths, micro: int, bins: int) -> list[int]:

@@ -213,6 +213,8 @@ SWEEP = {
     "static-view-balance": ("N", {"static_graph": True, "gradient_as_bucket_view": True, "balance_tokens": True}),
     "balance": ("N", {"balance_tokens": True}),
     "1gpu-log1": ("1", {"logging_steps": 1}),
+    "1gpu-nonblocking": ("1", {"non_blocking": True}),
+    "ddp-nonblocking": ("N", {"non_blocking": True}),
 }
 
 
@@ -242,7 +244,10 @@ def sweep(args) -> None:
         t = time.time()
         try:
             if kind == "1":
-                e = {**env, "CUDA_VISIBLE_DEVICES": "0"}
+                import ddp_variants  # bench/ddp_variants.py
+
+                e = {**env, "CUDA_VISIBLE_DEVICES": "0",
+                     "PERSONATUNE_BENCH_ARGUMENTS": json.dumps(ddp_variants.arguments(over))}
                 if over.get("logging_steps"):
                     e["PERSONATUNE_BENCH_LOGGING_STEPS"] = str(over["logging_steps"])
                 p = subprocess.run(bench_py + ["_variant", "gpu", "--dir", str(work)] + steps, text=True,
