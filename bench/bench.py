@@ -326,6 +326,11 @@ def variant(args, train=None, plan_over: dict | None = None, arguments: dict | N
                 accum = plan.grad_accum
                 profiled["tokens_per_step"] = [sum(counts[k * accum:(k + 1) * accum]) for k in range(steps, steps + profile_steps)]
 
+        def on_train_end(self, a, state, control, **kw):
+            if "profiler" in profiled:  # training ended inside the profiled window: no profile, nothing left open
+                profiled.pop("profiler").__exit__(None, None, None)
+                profiled["error"] = f"training ended at step {state.global_step}, inside the profiled steps"
+
     out_dir = work / "runs" / args.name
     shutil.rmtree(out_dir, ignore_errors=True)
     adapter = train(cfg, plan, model_dir, work / "init" / "adapter", work / "tokenized", out_dir / "adapter",
@@ -346,7 +351,9 @@ def variant(args, train=None, plan_over: dict | None = None, arguments: dict | N
            "step_times": [round(b - a, 4) for a, b in zip(times[:steps + 1], times[1:steps + 1])],
            "loss_steps": [e["step"] for e in logged], "batch_tokens": counts[:steps * accum]}
     if profiled:
-        res["profile"] = profiled
+        # the run trained steps + profile_steps, so its cosine schedule is longer: its losses do not compare with
+        # an unprofiled run's (the 1-GPU and N-GPU runs of multi_gpu.py are both profiled, so they compare)
+        res["profile"] = {**profiled, "schedule_steps": steps + profile_steps}
     print("RESULT " + json.dumps(res), flush=True)
 
 

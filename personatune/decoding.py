@@ -17,6 +17,7 @@ Measured in QUALITY.md ("Base contrast").
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, replace
@@ -100,19 +101,26 @@ def load_decoding(folder: str | Path, default: Decoding | None = None) -> Decodi
                     float(data.get("top_p", 1.0)) if sampling else 1.0, float(data.get("base_contrast", 0.0)))
 
 
+@functools.lru_cache(maxsize=1)
 def generate_ignores_left_padding() -> bool:
     """Whether this transformers' generate() leaves a left-padded row's padding out of its repetition penalty (it
     hands RepetitionPenaltyLogitsProcessor the padding lengths: transformers 5.2x). Older ones (5.17) penalize the
-    padding with the prompt, and their processor takes no per-row lengths."""
+    padding with the prompt, and their processor takes no per-row lengths. Read from generate()'s source; without
+    the source, from whether the processor's signature admits a tensor of lengths."""
     import inspect
 
+    from transformers import RepetitionPenaltyLogitsProcessor
     from transformers.generation.utils import GenerationMixin
 
-    return "prompt_ignore_length" in inspect.getsource(GenerationMixin._get_logits_processor)
+    try:
+        return "prompt_ignore_length" in inspect.getsource(GenerationMixin._get_logits_processor)
+    except (OSError, TypeError):  # installed without sources
+        param = inspect.signature(RepetitionPenaltyLogitsProcessor).parameters.get("prompt_ignore_length")
+        return param is not None and "Tensor" in str(param.annotation)
 
 
-def base_contrast_processor(model, attention_mask, decoding: Decoding, eos_ids=(),
-                            plausibility: float = CONTRAST_PLAUSIBILITY):
+def base_contrast_processor(model, attention_mask, decoding: Decoding, eos_ids: int | list[int] | tuple = (),
+                            plausibility: float = CONTRAST_PLAUSIBILITY, penalize_padding: bool | None = None):
     """A logits processor for `model.generate()` on a peft model: replaces the tuned model's scores by
     (1 + beta) log p_tuned - beta log p_base over the plausible tokens (-inf elsewhere), beta =
     `decoding.base_contrast`. generate() hands it the tuned scores after its repetition penalty and before its
@@ -121,7 +129,9 @@ def base_contrast_processor(model, attention_mask, decoding: Decoding, eos_ids=(
     the same model with its adapters switched off, run one token a step on its own KV cache; `attention_mask` is the
     prompt batch's (left padding). A row that has written one of `eos_ids` (generate's EOS ids: it pads a finished
     row from then on) leaves the base's batch and cache: its scores no longer choose anything, so they pass through
-    unchanged. One processor per generate() call."""
+    unchanged. `penalize_padding`: whether the repetition penalty counts the left padding, as generate() does for
+    the tuned scores (None: as this transformers' generate() does, `generate_ignores_left_padding`). One processor
+    per generate() call."""
     import inspect
 
     import torch
@@ -130,7 +140,9 @@ def base_contrast_processor(model, attention_mask, decoding: Decoding, eos_ids=(
     beta = decoding.base_contrast
     # as this transformers' generate() builds its own repetition penalty: newer ones leave the left padding (EOS) out
     # (prompt_ignore_length = the padding lengths), older ones penalize it with the prompt
-    ignore = (attention_mask != 0).int().argmax(dim=1) if generate_ignores_left_padding() else None
+    if penalize_padding is None:
+        penalize_padding = not generate_ignores_left_padding()
+    ignore = None if penalize_padding else (attention_mask != 0).int().argmax(dim=1)
 
     def penalized(input_ids, logits, rows):
         if decoding.repetition_penalty == 1.0:
@@ -141,6 +153,7 @@ def base_contrast_processor(model, attention_mask, decoding: Decoding, eos_ids=(
     # transformers renamed the cache keyword (past_key_values -> cache) within the supported range
     cache_kw = "cache" if "cache" in inspect.signature(model.get_base_model().forward).parameters else "past_key_values"
     floor = math.log(plausibility)
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else eos_ids
     eos = torch.tensor(sorted({int(e) for e in eos_ids}), dtype=torch.long, device=attention_mask.device)
     prompt_length = attention_mask.shape[1]
 

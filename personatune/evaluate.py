@@ -31,7 +31,7 @@ TRAIN_LOSS_ROWS = 64  # train loss is measured on the first 64 training rows (a 
 # Prompts per generation batch. On the 2-core CPU bigger batches cost less per prompt: the 136 evaluation prompts
 # (golden + probes) took 45 s in one batch, 54 s in two, ~70 s in batches of 32, with the same replies (the tuned
 # default with its base contrast; the base alone 26 / 33 / ~43 s; QUALITY.md, "Evaluation time on the CPU"); 144
-# keeps both sets in one batch without holding a bigger set's KV cache at once. On a GPU a decoding step costs about
+# keeps both sets in one batch (a bigger model gets fewer rows: cpu_rows_that_fit). On a GPU a decoding step costs about
 # the same for 32 or 128 prompts (it waits on launches, not arithmetic), so up to 256, as the memory holds them
 # (rows_that_fit).
 GENERATION_BATCH = 144
@@ -43,6 +43,20 @@ LOGIT_CHUNK_TOKENS = 1024
 # Bytes a batch row holds per (token x vocabulary entry) at the peak of a loss or of generation's first step:
 # the logits in the compute dtype (2), their fp32 copy (4) and the softmax's (4).
 LOGIT_BYTES = 10
+
+
+CPU_KV_BUDGET_GIB = 3.0  # KV cache a CPU generation batch may hold (the embedded model, 136 prompts + contrast: ~1.4 GiB)
+
+
+def cpu_rows_that_fit(default: int, text_config, tokens_per_row: int, caches: int = 1,
+                      budget_gib: float = CPU_KV_BUDGET_GIB) -> int:
+    """Rows per CPU generation batch: `default`, or fewer when their fp32 KV caches (`caches` of them: 2 with the
+    base contrast) for `tokens_per_row` tokens would pass `budget_gib`: a 7B base on a CPU gets a few rows, not 144."""
+    heads = getattr(text_config, "num_attention_heads", 1) or 1
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    per_row = text_config.num_hidden_layers * 2 * kv_heads * head_dim * 4 * max(1, tokens_per_row) * caches
+    return max(1, min(default, int(budget_gib * 2 ** 30 // per_row)))
 
 
 def rows_that_fit(default: int, tokens_per_row: int, vocab: int, free_bytes: int | None) -> int:
@@ -158,10 +172,13 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
     # split_special_tokens (in encode_prompt): a user's "<|im_start|>" (or the EOS string) stays text
     encoded = [encode_prompt(tok, i, u, prompt_format) for i, u in prompts]
     free = free_cuda_bytes(device)
-    batch_size = batch_size or (GENERATION_BATCH if free is None else GPU_GENERATION_BATCH)
-    size = batch_size if free is None else rows_that_fit(
-        batch_size, decoding.max_new_tokens + max((len(ids) for ids in encoded), default=1),
-        model.config.get_text_config().vocab_size, free)
+    tokens_per_row = decoding.max_new_tokens + max((len(ids) for ids in encoded), default=1)
+    text_config = model.config.get_text_config()
+    if free is None:
+        size = batch_size or cpu_rows_that_fit(GENERATION_BATCH, text_config, tokens_per_row,
+                                               caches=2 if decoding.base_contrast else 1)
+    else:
+        size = rows_that_fit(batch_size or GPU_GENERATION_BATCH, tokens_per_row, text_config.vocab_size, free)
 
     def run(start: int, end: int) -> list[dict]:
         inputs = tok.pad({"input_ids": encoded[start:end]}, return_tensors="pt").to(device)

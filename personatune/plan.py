@@ -71,8 +71,8 @@ class TrainPlan:
     checkpoint_layers: int         # decoder layers whose activations are recomputed in backward
     total_layers: int
     attention: str                 # "varlen" (flash, per-example) or "sdpa" (stock)
-    lean_head: bool                # frozen embedding/lm_head kept in the compute dtype (not fp32), the loss applies
-                                   # the head at the labelled positions only (speedups.use_lean_head)
+    lean_head: bool                # frozen embedding/lm_head kept in the compute dtype (not fp32), loss chunked
+                                   # (CPU: the head's own dtype, at the labelled positions only; speedups.use_lean_head)
     estimated_peak_gib: float | None
     budget_gib: float | None
     reason: str

@@ -92,32 +92,35 @@ def _chunk_ce(hidden, weight, labels):
 
 
 def chunked_causal_lm_loss(hidden, labels, weight, num_items_in_batch=None, chunk: int = LOSS_CHUNK_TOKENS):
-    """Same value as transformers' ForCausalLMLoss (logits in fp32, labels shifted, -100 ignored), with the head
-    applied only at the positions that have a label: the prompt's and the padding's logits are never computed
-    (55% of the shipped CSV's tokens). `chunk` > 0: in chunks of that many positions, recomputed in backward (peak
-    memory of one chunk's logits instead of all of them); 0: all at once, nothing recomputed (a CPU)."""
+    """Same value as transformers' ForCausalLMLoss (logits in fp32, labels shifted, -100 ignored).
+
+    `chunk` > 0 (GPU plans): every position, in chunks of that many, recomputed in backward (peak memory of one
+    chunk's logits instead of all of them). 0 (the CPU plan): the head applied only at the positions that have a
+    label, all at once: the prompt's logits are never computed (55% of the shipped CSV's tokens). On a GPU that
+    selection would make the host wait for the device every micro-batch (a boolean index), so it stays CPU-only."""
     from torch.utils.checkpoint import checkpoint
 
     shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1).to(hidden.device)
-    keep = shift != -100
-    flat, shift = hidden.reshape(-1, hidden.shape[-1])[keep], shift[keep]
+    flat = hidden.reshape(-1, hidden.shape[-1])
     if not chunk:
-        total = _chunk_ce(flat, weight, shift)
+        keep = shift != -100
+        flat, shift = flat[keep], shift[keep]
+        total = _chunk_ce(flat, weight, shift)  # no labelled position: an empty sum, still part of the graph
     else:
         total = flat.new_zeros((), dtype=torch.float32)
         for s in range(0, flat.shape[0], chunk):
             total = total + checkpoint(_chunk_ce, flat[s:s + chunk], weight, shift[s:s + chunk], use_reentrant=False)
     if num_items_in_batch is None:
-        return total / max(1, shift.shape[0])
+        return total / (shift != -100).sum().clamp(min=1)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
 
 
 def use_lean_head(inner, compute_dtype: torch.dtype, chunk: int) -> bool:
-    """Replace the frozen lm_head by a `_LeanHead` in the compute dtype whose loss (`chunked_causal_lm_loss`)
-    applies it at the labelled positions only, in `chunk`-position pieces (0: at once). A half compute dtype also
-    keeps a frozen fp32 embedding in it when that is lossless. False (nothing changed) for a head it cannot take."""
+    """Replace the frozen lm_head by a `_LeanHead` in `compute_dtype` whose loss (`chunked_causal_lm_loss`) applies
+    it in `chunk`-position pieces (0: at once, at the labelled positions only). A half compute dtype also keeps a
+    frozen fp32 embedding in it when that is lossless. False (nothing changed) for a head it cannot take."""
     head = inner.get_output_embeddings()
     if not (isinstance(head, torch.nn.Linear) and head.bias is None):
         return False
@@ -156,9 +159,10 @@ def apply_plan(model, plan: TrainPlan, compute_dtype: torch.dtype) -> None:
         from personatune.model import dequantize_frozen_base
 
         dequantize_frozen_base(model)
-    if plan.profile == "cpu":  # the config's layout and stock attention
-        if plan.lean_head:
-            use_lean_head(inner, compute_dtype, plan.loss_chunk_tokens)
+    if plan.profile == "cpu":  # the config's layout and stock attention; the head keeps its own dtype
+        head = inner.get_output_embeddings()
+        if plan.lean_head and head is not None:
+            use_lean_head(inner, head.weight.dtype, plan.loss_chunk_tokens)
         return
     if plan.attention == "varlen":
         register_varlen_attention()

@@ -142,11 +142,13 @@ def _adapted(base_model_dir, lora_b: float):
     return model.eval()
 
 
-def test_base_contrast_scores_tuned_against_base_log_probs(base_model_dir, tokenizer):
+@pytest.mark.parametrize("penalize_padding", [False, True], ids=["padding-ignored", "padding-penalized"])
+def test_base_contrast_scores_tuned_against_base_log_probs(base_model_dir, tokenizer, penalize_padding):
     """The processor's scores, step by step on a left-padded batch, are (1 + b) log p_tuned - b log p_base over the
     tokens with p_tuned >= 0.1 x the best one's (-inf elsewhere), where log p_base is a full forward of the same
     model with the adapter off: its own KV cache, attention mask and positions agree with that forward. Both get the
-    repetition penalty (generate() applies it to the tuned scores before the processor sees them)."""
+    repetition penalty (generate() applies it to the tuned scores before the processor sees them): with the left
+    padding left out (transformers 5.2x's generate()) or counted with the prompt (5.17's)."""
     import math
 
     from transformers import RepetitionPenaltyLogitsProcessor
@@ -158,10 +160,12 @@ def test_base_contrast_scores_tuned_against_base_log_probs(base_model_dir, token
     batch = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, i, u, "scaffold") for i, u in PROMPTS]},
                           return_tensors="pt", padding_side="left")
     assert (batch["attention_mask"] == 0).any()  # prompts of different lengths: some rows are padded
-    processor = base_contrast_processor(model, batch["attention_mask"], Decoding(16, 1.3, base_contrast=0.5))
-    # what generate() applies to the tuned scores: the penalty, the left padding (EOS) left out
-    assert generate_ignores_left_padding()  # transformers 5.2x, as installed here (5.17 penalizes the padding too)
-    penalty = RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=(batch["attention_mask"] != 0).int().argmax(1))
+    processor = base_contrast_processor(model, batch["attention_mask"], Decoding(16, 1.3, base_contrast=0.5),
+                                        penalize_padding=penalize_padding)
+    # what generate() applies to the tuned scores: the penalty, the left padding (EOS) left out or counted
+    assert generate_ignores_left_padding()  # transformers 5.2x, as installed here: the default is "left out"
+    ignore = {} if penalize_padding else {"prompt_ignore_length": (batch["attention_mask"] != 0).int().argmax(1)}
+    penalty = RepetitionPenaltyLogitsProcessor(1.3, **ignore)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
         for step in range(3):

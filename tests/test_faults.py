@@ -321,6 +321,23 @@ def test_bad_parameters_are_rejected_before_work_starts(tmp_path, small_csv):
     assert not out.exists()
 
 
+def test_cpu_generation_batches_hold_the_evaluation_sets_of_a_small_model_and_few_rows_of_a_big_one():
+    """On a CPU both evaluation sets (136 prompts) go in one batch for the embedded model, contrast included; a
+    7B-shaped model's fp32 KV caches would be tens of GiB for as many rows, so it gets a few."""
+    from types import SimpleNamespace
+
+    from personatune.evaluate import GENERATION_BATCH, cpu_rows_that_fit
+
+    smollm2 = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
+    llama7b = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096,
+                              head_dim=128)
+    assert cpu_rows_that_fit(GENERATION_BATCH, smollm2, 64 + 50, caches=2) == GENERATION_BATCH >= 136
+    # 7B: 32 layers x 2 x 4096 x 4 bytes = 1 MiB a token; 114 tokens x 2 caches = 228 MiB a row; 3 GiB hold 13 rows
+    assert cpu_rows_that_fit(GENERATION_BATCH, llama7b, 64 + 50, caches=2) == 13
+    assert cpu_rows_that_fit(GENERATION_BATCH, llama7b, 64 + 50, caches=1) == 26
+    assert cpu_rows_that_fit(GENERATION_BATCH, llama7b, 4096, caches=2) == 1  # never below one row
+
+
 def test_evaluation_batches_fit_the_free_memory_and_shrink_on_out_of_memory():
     from personatune.evaluate import in_batches, rows_that_fit
 

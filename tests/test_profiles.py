@@ -109,7 +109,28 @@ def test_chunked_loss_equals_full_loss_and_gradient():
     (g_once,) = torch.autograd.grad(at_once, hidden)
     assert torch.allclose(full.double(), at_once.double(), rtol=1e-6)
     assert torch.allclose(g_full, g_once, rtol=1e-6, atol=1e-9)
-    assert float(g_once[0, :9].abs().max()) == 0.0  # positions before the first label take no part
+    # chunk 0 never applies the head where no label follows: NaN hidden states there (positions 0-8) leave the loss
+    # and every gradient finite, where the full computation's backward turns them into NaN
+    poisoned = hidden.detach().clone()
+    poisoned[0, :9] = float("nan")
+    poisoned.requires_grad_(True)
+    skipped = chunked_causal_lm_loss(poisoned, labels, weight, torch.tensor(33), chunk=0)
+    (g_skipped,) = torch.autograd.grad(skipped, poisoned)
+    assert torch.allclose(skipped.double(), full.double(), rtol=1e-6) and torch.isfinite(g_skipped).all()
+    (g_poisoned,) = torch.autograd.grad(ForCausalLMLoss(poisoned @ weight.T, labels, 97, torch.tensor(33)), poisoned)
+    assert not torch.isfinite(g_poisoned).all()
+
+
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_a_batch_without_labels_still_backpropagates(chunk):
+    """A micro-batch whose rows have no labelled token (a response cut away entirely) gives loss 0 that is still
+    part of the graph: backward() works (zero gradients) instead of failing the step."""
+    hidden = torch.randn(1, 12, 16, requires_grad=True)
+    weight = torch.randn(97, 16)
+    labels = torch.full((1, 12), IGNORE_INDEX)
+    loss = chunked_causal_lm_loss(hidden, labels, weight, torch.tensor(1), chunk=chunk)
+    loss.backward()
+    assert float(loss) == 0.0 and hidden.grad is not None and float(hidden.grad.abs().max()) == 0.0
 
 
 def test_cpu_plan_trains_exactly_like_the_stock_model(base_model_dir, tokenizer):
