@@ -155,7 +155,6 @@ def base_contrast_processor(model, attention_mask, decoding: Decoding, eos_ids: 
     floor = math.log(plausibility)
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else eos_ids
     eos = torch.tensor(sorted({int(e) for e in eos_ids}), dtype=torch.long, device=attention_mask.device)
-    prompt_length = attention_mask.shape[1]
 
     class BaseContrast(LogitsProcessor):
         def __init__(self):
@@ -166,7 +165,8 @@ def base_contrast_processor(model, attention_mask, decoding: Decoding, eos_ids: 
         def __call__(self, input_ids, scores):
             new = input_ids[:, self.seen:]  # the prompt at the first step, then the token just chosen
             if self.seen:
-                done = torch.isin(input_ids[self.rows, prompt_length:], eos).any(dim=1) if eos.numel() else None
+                # a live row whose newest token is an EOS has ended (rows that ended before left the cache already)
+                done = torch.isin(new[self.rows], eos).any(dim=1) if eos.numel() else None
                 if done is not None and bool(done.any()):
                     if bool(done.all()):
                         return scores  # every row has ended: generate() stops after this step

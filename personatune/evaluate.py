@@ -161,7 +161,6 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
     device = next(model.parameters()).device
     stop_ids = stop_token_ids(tok, prompt_format)
     eos = generation_eos(tok, prompt_format)
-    eos_ids = eos if isinstance(eos, (list, tuple)) else [eos]
     kwargs = dict(max_new_tokens=decoding.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos,
                   use_cache=True, streamer=streamer, **decoding.generate_kwargs())
     if stop_markers and stop_strings(prompt_format):
@@ -185,7 +184,7 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
         if decoding.sampling:
             torch.manual_seed(seed + start)
         contrast = ({"logits_processor": LogitsProcessorList([base_contrast_processor(
-            model, inputs["attention_mask"], decoding, eos_ids)])} if decoding.base_contrast else {})
+            model, inputs["attention_mask"], decoding, eos)])} if decoding.base_contrast else {})
         out = model.generate(**inputs, **kwargs, **contrast)
         return [_describe(tok, instruction, user, row, stop_ids, prompt_format)
                 for (instruction, user), row in zip(prompts[start:end], out[:, inputs["input_ids"].shape[1]:].tolist())]

@@ -117,14 +117,15 @@ def chunked_causal_lm_loss(hidden, labels, weight, num_items_in_batch=None, chun
     return total / num_items_in_batch
 
 
-def use_lean_head(inner, compute_dtype: torch.dtype, chunk: int) -> bool:
-    """Replace the frozen lm_head by a `_LeanHead` in `compute_dtype` whose loss (`chunked_causal_lm_loss`) applies
+def use_lean_head(inner, compute_dtype: torch.dtype | None, chunk: int) -> bool:
+    """Replace the frozen lm_head by a `_LeanHead` in `compute_dtype` (None: the head's own) whose loss (`chunked_causal_lm_loss`) applies
     it in `chunk`-position pieces (0: at once, at the labelled positions only). A half compute dtype also keeps a
     frozen fp32 embedding in it when that is lossless. False (nothing changed) for a head it cannot take."""
     head = inner.get_output_embeddings()
     if not (isinstance(head, torch.nn.Linear) and head.bias is None):
         return False
     device = head.weight.device
+    compute_dtype = compute_dtype or head.weight.dtype
     weight = head.weight.detach().cpu()          # off the card first: no fp32 + half copy at once
     inner.set_output_embeddings(torch.nn.Identity())
     del head
@@ -160,9 +161,8 @@ def apply_plan(model, plan: TrainPlan, compute_dtype: torch.dtype) -> None:
 
         dequantize_frozen_base(model)
     if plan.profile == "cpu":  # the config's layout and stock attention; the head keeps its own dtype
-        head = inner.get_output_embeddings()
-        if plan.lean_head and head is not None:
-            use_lean_head(inner, head.weight.dtype, plan.loss_chunk_tokens)
+        if plan.lean_head:
+            use_lean_head(inner, None, plan.loss_chunk_tokens)
         return
     if plan.attention == "varlen":
         register_varlen_attention()
