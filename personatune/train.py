@@ -59,12 +59,17 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int, p
 
     With `held_out` rows the held-out loss is measured every `eval_every_steps` (or once an epoch) and at the last
     step, a checkpoint is saved at each measurement, and the best one (lowest held-out loss) is what training
-    returns: a last epoch that overfits does not replace a better earlier one."""
+    returns: a last epoch that overfits does not replace a better earlier one. When that is one measurement, at the
+    last step (the default: one epoch), there is nothing to choose and the Trainer does not measure: the evaluation
+    stage measures the finished adapter's held-out loss anyway (on a 2-core CPU that saves ~17 s of the default run)."""
     from transformers import TrainingArguments
 
     dtype = compute_dtype(cfg.compute_dtype)
     steps_per_epoch = math.ceil(train_rows / (cfg.micro_batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.epochs)
+    every = cfg.eval_every_steps or max(1, steps_per_epoch)
+    # the Trainer measures at every `every`-th step and at the last: one measurement leaves nothing to choose
+    held_out = held_out and math.ceil(total_steps / every) > 1
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -79,10 +84,10 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int, p
         fp16=dtype == torch.float16 and torch.cuda.is_available(),
         gradient_checkpointing=cfg.gradient_checkpointing and (plan is None or plan.profile in ("manual", "cpu")),
         save_strategy="steps",
-        save_steps=cfg.eval_every_steps or max(1, steps_per_epoch),
+        save_steps=every,
         save_total_limit=2,  # with load_best_model_at_end the Trainer keeps the best one besides the newest
         eval_strategy="steps" if held_out else "no",
-        eval_steps=cfg.eval_every_steps or max(1, steps_per_epoch),
+        eval_steps=every,
         per_device_eval_batch_size=cfg.micro_batch_size,
         load_best_model_at_end=held_out,
         metric_for_best_model="eval_loss" if held_out else None,
@@ -215,6 +220,7 @@ def train_adapter(cfg: FinetuneConfig, plan, resolved: str, init_adapter: str | 
     held_out = len(data["eval"]) > 0
     cfg = apply_plan_to_config(cfg, plan)
     args = training_arguments(cfg, checkpoints, len(data["train"]), plan, held_out=held_out, **(arguments or {}))
+    held_out = args.eval_strategy != "no"  # measured during training (not when the last step is the only measurement)
     if args.n_gpu > 1:
         raise RuntimeError(f"this process sees {args.n_gpu} GPUs: the Trainer would wrap the model in nn.DataParallel "
                            "(a bigger batch per step than planned). Run it pinned to one GPU (CUDA_VISIBLE_DEVICES) or "

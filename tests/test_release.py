@@ -122,3 +122,20 @@ def test_best_checkpoint_is_kept_when_the_last_epoch_is_worse(tmp_path, base_mod
     held_out = load_tokenized(tok_dir)["eval"]
     kept = mean_loss(model, held_out, tokenizer)  # per response token; the Trainer's is a mean of batch means
     assert kept < curve[-1] * 0.99 and kept == pytest.approx(min(curve), rel=0.03)
+
+
+@pytest.mark.parametrize("settings, measured", [
+    ({}, False),  # one epoch (the default): one measurement, at the last step: nothing to choose
+    ({"epochs": 2}, True),  # once an epoch: two to choose from
+    ({"max_steps": 4, "eval_every_steps": 2}, True),
+    ({"max_steps": 4, "eval_every_steps": 3}, True),  # steps 3 and 4
+    ({"max_steps": 4, "eval_every_steps": 4}, False),
+])
+def test_training_measures_the_held_out_loss_only_when_there_is_a_checkpoint_to_choose(tmp_path, settings, measured):
+    from personatune.config import FinetuneConfig
+    from personatune.train import training_arguments
+
+    args = training_arguments(FinetuneConfig(**settings), tmp_path, 100, held_out=True)  # 100 rows: 7 steps an epoch
+    assert (args.eval_strategy == "steps") is measured and args.load_best_model_at_end is measured
+    assert args.save_strategy == "steps"  # checkpoints to resume from are written either way
+    assert not training_arguments(FinetuneConfig(epochs=2), tmp_path, 100, held_out=False).load_best_model_at_end
