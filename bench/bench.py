@@ -276,8 +276,13 @@ def variant(args, train=None, plan_over: dict | None = None, arguments: dict | N
     from personatune.train import collator, plan_for_run, train_adapter
 
     train = train or train_adapter
-    # a one-GPU sweep variant's TrainingArguments fields (bench/ddp_variants.py), given by multi_gpu.py sweep
-    arguments = arguments or json.loads(os.environ.get("PERSONATUNE_BENCH_ARGUMENTS", "{}")) or None
+    # a one-GPU sweep variant's settings (bench/ddp_variants.py), given by multi_gpu.py sweep
+    settings = json.loads(os.environ.get("PERSONATUNE_BENCH_SETTINGS", "{}"))
+    if settings:
+        import ddp_variants  # bench/ddp_variants.py
+
+        arguments = arguments or ddp_variants.arguments(settings) or None
+        trainer_class = trainer_class or ddp_variants.trainer_class(settings)
     work = Path(args.dir)
     steps = args.warmup + args.steps
     # PERSONATUNE_BENCH_PROFILE_STEPS=k: k more steps after the timed ones, under torch.profiler (step_profile)

@@ -215,6 +215,8 @@ SWEEP = {
     "1gpu-log1": ("1", {"logging_steps": 1}),
     "1gpu-nonblocking": ("1", {"non_blocking": True}),
     "ddp-nonblocking": ("N", {"non_blocking": True}),
+    "1gpu-nosync": ("1", {"no_nan_filter": True, "optimizer_no_sync": True}),
+    "ddp-nosync": ("N", {"no_nan_filter": True, "optimizer_no_sync": True}),
 }
 
 
@@ -247,7 +249,7 @@ def sweep(args) -> None:
                 import ddp_variants  # bench/ddp_variants.py
 
                 e = {**env, "CUDA_VISIBLE_DEVICES": "0",
-                     "PERSONATUNE_BENCH_ARGUMENTS": json.dumps(ddp_variants.arguments(over))}
+                     "PERSONATUNE_BENCH_SETTINGS": json.dumps(over)}
                 if over.get("logging_steps"):
                     e["PERSONATUNE_BENCH_LOGGING_STEPS"] = str(over["logging_steps"])
                 p = subprocess.run(bench_py + ["_variant", "gpu", "--dir", str(work)] + steps, text=True,

@@ -268,3 +268,43 @@ def test_balanced_sampler_keeps_each_steps_examples_and_evens_the_ranks_tokens()
         before = [sum(lengths[i] for i in plain[s + 4 * b:s + 4 * b + 4]) for b in range(4)]
         assert max(tokens) - min(tokens) <= max(before) - min(before)
     assert balanced[96:] == plain[96:]  # the short last step as it was
+
+
+def test_the_no_sync_optimizer_variant_updates_like_paged_adamw_8bit():
+    """The benchmark variant without bitsandbytes' per-parameter synchronize (bench/ddp_variants.py): the same update."""
+    import torch
+    from bitsandbytes.optim import PagedAdamW8bit
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from ddp_variants import arguments, no_sync_optimizer_class
+
+    assert arguments({"no_nan_filter": True}) == {"logging_nan_inf_filter": False}
+    torch.manual_seed(0)
+    start = [torch.randn(64, 8), torch.randn(8, 64)]
+    params = {name: [torch.nn.Parameter(t.clone()) for t in start] for name in ("stock", "no_sync")}
+    optimizers = {"stock": PagedAdamW8bit(params["stock"], lr=1e-2),
+                  "no_sync": no_sync_optimizer_class()(params["no_sync"], lr=1e-2)}
+    for step in range(3):
+        grads = [torch.randn_like(t) for t in start]
+        for name, optimizer in optimizers.items():
+            for p, g in zip(params[name], grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b, s in zip(params["stock"], params["no_sync"], start):
+        assert not torch.equal(a, s) and torch.equal(a, b)
+
+
+def test_the_no_sync_optimizer_variant_takes_the_trainers_paged_adamw_8bit(tmp_path):
+    import torch
+    from bitsandbytes.optim.optimizer import Optimizer8bit
+    from transformers import Trainer, TrainingArguments
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from ddp_variants import trainer_class
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    args = TrainingArguments(output_dir=str(tmp_path), optim="paged_adamw_8bit", use_cpu=True, report_to="none")
+    stock = Trainer(model=model, args=args).create_optimizer()
+    variant = trainer_class({"optimizer_no_sync": True})(model=model, args=args).create_optimizer()
+    assert isinstance(variant, type(stock)) and isinstance(variant, Optimizer8bit)
+    assert type(variant).step is not type(stock).step and variant.param_groups[0]["lr"] == stock.param_groups[0]["lr"]
