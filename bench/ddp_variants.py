@@ -6,8 +6,7 @@ run-to-run spread). They reach the recipe through its public seams only: Trainin
 from __future__ import annotations
 
 # variant settings: what each can switch (all off is what the recipe does)
-SETTINGS = ("static_graph", "gradient_as_bucket_view", "balance_tokens", "non_blocking", "no_nan_filter",
-            "optimizer_no_sync")
+SETTINGS = ("static_graph", "gradient_as_bucket_view", "balance_tokens", "non_blocking")
 
 
 def arguments(settings: dict) -> dict:
@@ -17,44 +16,7 @@ def arguments(settings: dict) -> dict:
     out: dict = {"ddp_static_graph": True} if settings.get("static_graph") else {}
     if settings.get("non_blocking"):
         out["accelerator_config"] = {"non_blocking": True}
-    if settings.get("no_nan_filter"):  # the Trainer's NaN/inf check of every micro-batch's loss reads it back: a sync
-        out["logging_nan_inf_filter"] = False
     return out
-
-
-def no_sync_optimizer_class(base=None):
-    """A bitsandbytes optimizer class (`base`, default PagedAdamW8bit; the Trainer's paged_adamw_8bit is bitsandbytes'
-    AdamW with optim_bits=8, is_paged=True) whose step() does not call torch.cuda.synchronize() after every parameter
-    (bitsandbytes 0.50 does, 128 times a step for LoRA on q,v of 32 layers). The update is the same: the kernels run
-    in order on one stream, and a LoRA parameter's state (< 1e5 values) is never paged, so there is nothing to wait
-    for (a paged state falls back to the stock step). The loop is bitsandbytes' Optimizer8bit.step without the sync."""
-    import torch
-    from bitsandbytes.optim import PagedAdamW8bit
-
-    class PagedAdamW8bitNoSync(base or PagedAdamW8bit):
-        @torch.no_grad()
-        def step(self, closure=None):
-            if any(getattr(t, "is_paged", False) for s in self.state.values() for t in s.values()):
-                return super().step(closure)
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            if not self.initialized:
-                self.check_overrides()
-                self.to_gpu()
-                self.initialized = True
-            for gindex, group in enumerate(self.param_groups):
-                for pindex, p in enumerate(group["params"]):
-                    if p.grad is None:
-                        continue
-                    if len(self.state[p]) == 0:
-                        self.init_state(group, p, gindex, pindex)
-                    self.prefetch_state(p)
-                    self.update_step(group, p, gindex, pindex)
-            return loss
-
-    return PagedAdamW8bitNoSync
 
 
 def balance_chunk(indices: list[int], lengths, micro: int, bins: int) -> list[int]:
@@ -103,23 +65,12 @@ class BalancedSampler:
 def trainer_class(settings: dict):
     """A Trainer subclass for `settings`: token-balanced sampler (`balance_tokens`), gradients that alias DDP's
     all-reduce buckets (`gradient_as_bucket_view`). None when neither is on."""
-    if not (settings.get("balance_tokens") or settings.get("gradient_as_bucket_view")
-            or settings.get("optimizer_no_sync")):
+    if not (settings.get("balance_tokens") or settings.get("gradient_as_bucket_view")):
         return None
     import torch
     from transformers import Trainer
 
     class VariantTrainer(Trainer):
-        def create_optimizer(self, *args, **kwargs):
-            optimizer = super().create_optimizer(*args, **kwargs)
-            if settings.get("optimizer_no_sync"):
-                from bitsandbytes.optim.optimizer import Optimizer8bit
-
-                if not isinstance(optimizer, Optimizer8bit):
-                    raise TypeError(f"optimizer_no_sync needs a bitsandbytes optimizer, got {type(optimizer).__name__}")
-                optimizer.__class__ = no_sync_optimizer_class(type(optimizer))  # same object and state; only step()
-            return optimizer
-
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
             if settings.get("gradient_as_bucket_view") and self.accelerator.ddp_handler is not None:

@@ -255,6 +255,7 @@ def main() -> None:
             r["prefect_home"] = "shared, existing" if home and not first else "new"
             r["run"] = run + 1
             if args.out:  # the whole log beside the record
+                Path(args.out).mkdir(parents=True, exist_ok=True)
                 (Path(args.out) / f"{rname}-run{run + 1}.log").write_text((work / f"{rname}.log").read_text())
             if prof and prof.is_file():
                 summary = profile_summary(prof)

@@ -215,8 +215,6 @@ SWEEP = {
     "1gpu-log1": ("1", {"logging_steps": 1}),
     "1gpu-nonblocking": ("1", {"non_blocking": True}),
     "ddp-nonblocking": ("N", {"non_blocking": True}),
-    "1gpu-nosync": ("1", {"no_nan_filter": True, "optimizer_no_sync": True}),
-    "ddp-nosync": ("N", {"no_nan_filter": True, "optimizer_no_sync": True}),
 }
 
 

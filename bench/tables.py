@@ -255,7 +255,7 @@ def multi_gpu_logs(folder: str = "h200x2_multi_gpu_20261129") -> str:
     return markdown(["run", "GPUs", "real tokens/s", "x 1 GPU", "s / step", "loss step 1 -> 15"], rows)
 
 
-def multi_gpu_runs(prefix: str = "multi_gpu_2gpu_20261130-") -> str:
+def multi_gpu_runs(prefix: str = "multi_gpu_2gpu_20261130-00") -> str:
     """`bench/multi_gpu.py run --gpus 2` records (raw JSON): tokens/s and step time on 1 and 2 GPUs, the speed-up."""
     rows = []
     for path in sorted(RESULTS.glob(f"{prefix}*.json")):
@@ -264,6 +264,22 @@ def multi_gpu_runs(prefix: str = "multi_gpu_2gpu_20261130-") -> str:
         rows.append([f"`{path.stem.removeprefix(prefix)}`", f"{one['tok_s']:,.0f} ({one['step_s']:.3f})",
                      f"{many['tok_s']:,.0f} ({many['step_s']:.3f})", f"{d['speedup']:.2f}"])
     return markdown(["run", "1 GPU tok/s (s / step)", "2 GPUs tok/s (s / step)", "x 1 GPU"], rows)
+
+
+def multi_gpu_sweep_nosync(prefix: str = "multi_gpu_sweep_nosync_20261130") -> str:
+    """`bench/multi_gpu.py sweep` records with the variants without host syncs (1gpu-nosync, ddp-nosync: the Trainer's
+    NaN/inf filter off, bitsandbytes' optimizer step without its per-parameter synchronize) beside the stock ones."""
+    rows = []
+    for path in sorted(RESULTS.glob(f"{prefix}*.json")):
+        d = json.loads(path.read_text(encoding="utf-8"))
+        v = d["variants"]
+        for name in ("1gpu", "1gpu-nosync", "ddp", "ddp-nosync"):
+            if name in v and "tok_s" in v[name]:
+                one = v["1gpu-nosync" if name == "ddp-nosync" else "1gpu"]
+                rows.append([f"`{path.stem.removeprefix(prefix)}`", name, str(v[name]["gpus"]), f"{v[name]['tok_s']:,.0f}",
+                             f"{v[name]['step_s']:.4f}",
+                             f"{v[name]['tok_s'] / one['tok_s']:.2f}" if name.startswith("ddp") else "-"])
+    return markdown(["sweep", "variant", "GPUs", "real tokens/s", "s / step", "x its 1-GPU variant"], rows)
 
 
 def multi_gpu_profile(name: str = "multi_gpu_2gpu_20261130-001010") -> str:
@@ -287,7 +303,9 @@ def multi_gpu_profile(name: str = "multi_gpu_2gpu_20261130-001010") -> str:
 TABLES = {**{name: (lambda name=name: run_table(name)) for name in _run_files()},
           "bench_targets": bench_targets, "multi_gpu_targets": multi_gpu_targets, "flow_h200": flow_runs,
           "flow_gpu_records": flow_gpu_records, "flow_gpu_cards": flow_gpu_cards,
-          "multi_gpu_logs": multi_gpu_logs, "multi_gpu_runs": multi_gpu_runs, "multi_gpu_profile": multi_gpu_profile}
+          "multi_gpu_logs": multi_gpu_logs, "multi_gpu_runs": multi_gpu_runs, "multi_gpu_profile": multi_gpu_profile,
+          "multi_gpu_runs_no_host_syncs": lambda: multi_gpu_runs("multi_gpu_2gpu_20261130-03"),
+          "multi_gpu_sweep_nosync": multi_gpu_sweep_nosync}
 
 
 def _segments(text: str) -> list[tuple[str | None, str]]:

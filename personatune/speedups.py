@@ -194,3 +194,49 @@ def compile_layers(model, **kwargs) -> int:
     for layer in layers:
         layer.compile(**kwargs)
     return len(layers)
+
+
+def optimizer_without_host_syncs(args, model) -> tuple | None:
+    """(class, kwargs) for the Trainer's `optimizer_cls_and_kwargs`: the optimizer `args.optim` names (the recipe's
+    paged_adamw_8bit is bitsandbytes' AdamW with optim_bits=8, is_paged=True), with the same settings, but whose
+    step() does not call torch.cuda.synchronize() after every parameter. bitsandbytes 0.50 does, 128 times a step
+    for LoRA on q,v of 32 layers, and each one stops the host until the GPU has caught up (on 2 GPUs: until the
+    other rank's all-reduce has come in), on a step the host's launches bound (BENCHMARKS.md, "Multi-GPU"). The
+    update is the same: its kernels run in order on one stream, and a state of < 1e5 values (every LoRA matrix up
+    to rank 24 on a 4,096-wide model) is never paged, so there is nothing to wait for; with a paged state the stock
+    step runs. None for an optimizer that is not bitsandbytes'."""
+    from transformers import Trainer
+
+    try:
+        from bitsandbytes.optim.optimizer import Optimizer8bit
+    except ImportError:
+        return None
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    if not (isinstance(cls, type) and issubclass(cls, Optimizer8bit)):
+        return None
+
+    class WithoutHostSyncs(cls):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if any(getattr(t, "is_paged", False) for state in self.state.values() for t in state.values()):
+                return super().step(closure)
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if not self.initialized:
+                self.check_overrides()
+                self.to_gpu()
+                self.initialized = True
+            for gindex, group in enumerate(self.param_groups):  # bitsandbytes' Optimizer8bit.step, without the syncs
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    if len(self.state[p]) == 0:
+                        self.init_state(group, p, gindex, pindex)
+                    self.prefetch_state(p)
+                    self.update_step(group, p, gindex, pindex)
+            return loss
+
+    WithoutHostSyncs.__name__ = WithoutHostSyncs.__qualname__ = f"{cls.__name__}WithoutHostSyncs"
+    return WithoutHostSyncs, kwargs

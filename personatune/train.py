@@ -99,6 +99,8 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, train_rows: int, p
         report_to="none",
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # its NaN/inf check reads every micro-batch's loss back: a host sync on a GPU (a NaN then shows in the log)
+        logging_nan_inf_filter=not torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         ddp_broadcast_buffers=False,
@@ -207,7 +209,7 @@ def train_adapter(cfg: FinetuneConfig, plan, resolved: str, init_adapter: str | 
     import shutil
 
     from personatune.plan import apply_plan_to_config
-    from personatune.speedups import apply_plan
+    from personatune.speedups import apply_plan, optimizer_without_host_syncs
 
     adapter_dir = Path(adapter_dir)
     if is_complete(adapter_dir):
@@ -235,12 +237,13 @@ def train_adapter(cfg: FinetuneConfig, plan, resolved: str, init_adapter: str | 
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    device = next(model.parameters()).device
     trainer = recorder.trainer_class(trainer_class)(
         model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"] if held_out else None,
         data_collator=data_collator or collator(tok, plan.packing, varlen=plan.attention == "varlen"),
-        processing_class=tok, callbacks=callbacks)
+        processing_class=tok, callbacks=callbacks,
+        optimizer_cls_and_kwargs=optimizer_without_host_syncs(args, model) if device.type == "cuda" else None)
     resume = last_checkpoint(checkpoints)
-    device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the training's peak, not the load's
     result = trainer.train(resume_from_checkpoint=resume)

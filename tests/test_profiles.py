@@ -411,3 +411,38 @@ def test_memory_cap_is_read_and_turned_into_a_fraction_of_the_card():
     h200 = int(139.8 * GIB)
     assert memory_fraction(8, h200) == pytest.approx(8 / 139.8)
     assert memory_fraction(None, h200) is None and memory_fraction(200, h200) is None  # no cap above the card
+
+
+def test_the_gpu_optimizer_is_the_recipes_paged_adamw_8bit_without_host_syncs(tmp_path):
+    """On a GPU the Trainer gets `optimizer_without_host_syncs`: the class and settings paged_adamw_8bit names, with
+    a step() that leaves out bitsandbytes' torch.cuda.synchronize() after each parameter; the same updates."""
+    from bitsandbytes.optim.optimizer import Optimizer8bit
+    from transformers import Trainer, TrainingArguments
+
+    from personatune.speedups import optimizer_without_host_syncs
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Linear(8, 64))
+    args = TrainingArguments(output_dir=str(tmp_path), optim="paged_adamw_8bit", learning_rate=1e-2, use_cpu=True,
+                             report_to="none")
+    stock_cls, stock_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    cls, kwargs = optimizer_without_host_syncs(args, model)
+    assert issubclass(cls, stock_cls) and issubclass(cls, Optimizer8bit) and cls.step is not stock_cls.step
+    assert kwargs == stock_kwargs and kwargs.get("optim_bits") == 8 and kwargs.get("is_paged") is True
+    trainer = Trainer(model=model, args=args, optimizer_cls_and_kwargs=(cls, kwargs))
+    assert type(trainer.create_optimizer()) is cls  # what train_adapter's Trainer builds on a GPU
+    assert optimizer_without_host_syncs(TrainingArguments(output_dir=str(tmp_path), optim="adamw_torch",
+                                                          use_cpu=True, report_to="none"), model) is None
+
+    torch.manual_seed(0)
+    start = [torch.randn(64, 8), torch.randn(8, 64)]
+    params = {name: [torch.nn.Parameter(t.clone()) for t in start] for name in ("stock", "no_sync")}
+    optimizers = {"stock": stock_cls(params["stock"], **stock_kwargs), "no_sync": cls(params["no_sync"], **kwargs)}
+    for _ in range(3):
+        grads = [torch.randn_like(t) for t in start]
+        for name, optimizer in optimizers.items():
+            for p, g in zip(params[name], grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for stock, no_sync, before in zip(params["stock"], params["no_sync"], start):
+        assert not torch.equal(stock, before) and torch.equal(stock, no_sync)
+    assert training_arguments(FinetuneConfig(), tmp_path, 100).logging_nan_inf_filter  # kept on a CPU (no sync there)
