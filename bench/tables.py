@@ -261,7 +261,7 @@ def multi_gpu_runs(prefix: str = "multi_gpu_2gpu_20261130-00") -> str:
     for path in sorted(RESULTS.glob(f"{prefix}*.json")):
         d = json.loads(path.read_text(encoding="utf-8"))
         one, many = d["one"], d["many"]
-        rows.append([f"`{path.stem.removeprefix(prefix)}`", f"{one['tok_s']:,.0f} ({one['step_s']:.3f})",
+        rows.append([f"`{path.stem.rsplit('-', 1)[-1]}`", f"{one['tok_s']:,.0f} ({one['step_s']:.3f})",
                      f"{many['tok_s']:,.0f} ({many['step_s']:.3f})", f"{d['speedup']:.2f}"])
     return markdown(["run", "1 GPU tok/s (s / step)", "2 GPUs tok/s (s / step)", "x 1 GPU"], rows)
 
@@ -304,7 +304,7 @@ TABLES = {**{name: (lambda name=name: run_table(name)) for name in _run_files()}
           "bench_targets": bench_targets, "multi_gpu_targets": multi_gpu_targets, "flow_h200": flow_runs,
           "flow_gpu_records": flow_gpu_records, "flow_gpu_cards": flow_gpu_cards,
           "multi_gpu_logs": multi_gpu_logs, "multi_gpu_runs": multi_gpu_runs, "multi_gpu_profile": multi_gpu_profile,
-          "multi_gpu_runs_no_host_syncs": lambda: multi_gpu_runs("multi_gpu_2gpu_20261130-03"),
+          "multi_gpu_runs_no_host_syncs": lambda: multi_gpu_runs("multi_gpu_2gpu_20261130-0[34]"),
           "multi_gpu_sweep_nosync": multi_gpu_sweep_nosync}
 
 
