@@ -268,4 +268,3 @@ def test_balanced_sampler_keeps_each_steps_examples_and_evens_the_ranks_tokens()
         before = [sum(lengths[i] for i in plain[s + 4 * b:s + 4 * b + 4]) for b in range(4)]
         assert max(tokens) - min(tokens) <= max(before) - min(before)
     assert balanced[96:] == plain[96:]  # the short last step as it was
-
