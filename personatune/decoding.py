@@ -17,7 +17,9 @@ Measured in QUALITY.md ("Base contrast").
 """
 from __future__ import annotations
 
+import copy
 import functools
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, replace
@@ -132,27 +134,12 @@ def base_contrast_processor(model, attention_mask, decoding: Decoding, eos_ids: 
     unchanged. `penalize_padding`: whether the repetition penalty counts the left padding, as generate() does for
     the tuned scores (None: as this transformers' generate() does, `generate_ignores_left_padding`). One processor
     per generate() call."""
-    import inspect
-
     import torch
-    from transformers import DynamicCache, LogitsProcessor, RepetitionPenaltyLogitsProcessor
+    from transformers import DynamicCache, LogitsProcessor
 
     beta = decoding.base_contrast
-    # as this transformers' generate() builds its own repetition penalty: newer ones leave the left padding (EOS) out
-    # (prompt_ignore_length = the padding lengths), older ones penalize it with the prompt
-    if penalize_padding is None:
-        penalize_padding = not generate_ignores_left_padding()
-    ignore = None if penalize_padding else (attention_mask != 0).int().argmax(dim=1)
-
-    def penalized(input_ids, logits, rows):
-        if decoding.repetition_penalty == 1.0:
-            return logits
-        extra = {} if ignore is None else {"prompt_ignore_length": ignore[rows]}
-        return RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty, **extra)(input_ids, logits)
-
-    # transformers renamed the cache keyword (past_key_values -> cache) within the supported range
-    cache_kw = "cache" if "cache" in inspect.signature(model.get_base_model().forward).parameters else "past_key_values"
-    floor = math.log(plausibility)
+    penalized = repetition_penalty(decoding, attention_mask, penalize_padding)
+    cache_kw = cache_keyword(model)
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else eos_ids
     eos = torch.tensor(sorted({int(e) for e in eos_ids}), dtype=torch.long, device=attention_mask.device)
 
@@ -179,12 +166,225 @@ def base_contrast_processor(model, attention_mask, decoding: Decoding, eos_ids: 
             with model.disable_adapter():
                 out = model(input_ids=new[self.rows], attention_mask=self.mask, position_ids=positions, use_cache=True,
                             logits_to_keep=1, **{cache_kw: self.cache})  # the prompt's last position only
-            base = torch.log_softmax(penalized(input_ids[self.rows], out.logits[:, -1].float(), self.rows), dim=-1)
-            tuned = torch.log_softmax(scores[self.rows].float(), dim=-1)
-            plausible = tuned >= tuned.max(dim=-1, keepdim=True).values + floor
-            contrast = (1 + beta) * tuned - beta * base
+            base = penalized(input_ids[self.rows], out.logits[:, -1].float(), self.rows)
             result = scores.clone()
-            result[self.rows] = torch.where(plausible, contrast, torch.full_like(contrast, -math.inf)).to(scores.dtype)
+            result[self.rows] = contrast_scores(scores[self.rows].float(), base, beta, plausibility).to(scores.dtype)
             return result
 
     return BaseContrast()
+
+
+def cache_keyword(model) -> str:
+    """The forward keyword of the KV cache: transformers renamed it (past_key_values -> cache) within the supported
+    range."""
+    import inspect
+
+    forward = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def repetition_penalty(decoding: Decoding, attention_mask, penalize_padding: bool | None = None):
+    """`penalize(input_ids, logits, rows)`: the repetition penalty as this transformers' generate() applies it to a
+    left-padded batch (`attention_mask`, the prompts'), for the batch rows `rows` (a tensor of indices): newer ones
+    leave the left padding (EOS) out (prompt_ignore_length = the padding lengths), older ones penalize it with the
+    prompt. `penalize_padding` overrides which (None: as generate() does, `generate_ignores_left_padding`)."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    if penalize_padding is None:
+        penalize_padding = not generate_ignores_left_padding()
+    ignore = None if penalize_padding else (attention_mask != 0).int().argmax(dim=1)
+
+    def penalize(input_ids, logits, rows):
+        if decoding.repetition_penalty == 1.0:
+            return logits
+        extra = {} if ignore is None else {"prompt_ignore_length": ignore[rows]}
+        return RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty, **extra)(input_ids, logits)
+
+    return penalize
+
+
+def contrast_scores(tuned_logits, base_logits, beta: float, plausibility: float = CONTRAST_PLAUSIBILITY):
+    """(1 + beta) log p_tuned - beta log p_base over the tokens with p_tuned >= `plausibility` x the best token's,
+    -inf elsewhere (both logits already penalized; fp32)."""
+    import torch
+
+    tuned = torch.log_softmax(tuned_logits, dim=-1)
+    base = torch.log_softmax(base_logits, dim=-1)
+    plausible = tuned >= tuned.max(dim=-1, keepdim=True).values + math.log(plausibility)
+    return torch.where(plausible, (1 + beta) * tuned - beta * base, torch.full_like(tuned, -math.inf))
+
+
+# Greedy decoding from a prompt pass: the evaluation's path on a CPU. generate() keeps every row of a batch in every
+# step, padding the rows that have ended; here a row that ends leaves the batch and its KV cache, so a step costs what
+# the rows still writing cost (on the 2-core CPU, where a step is arithmetic, the base's 136 evaluation prompts took
+# 26 s against generate()'s 33 s, with the same replies: QUALITY.md, "Evaluation time on the CPU"). The prompt pass
+# it starts from is kept apart, so the loss of the reference replies reuses it (only their tokens are computed) and
+# the base's pass serves the adapter's contrast with the base in a later stage.
+
+@dataclass
+class PromptPass:
+    """One forward pass of a model over a left-padded prompt batch: its KV cache and the fp32 next-token logits at
+    the last prompt position (what the first reply token is chosen from)."""
+    ids: object  # [rows, prompt tokens], left-padded
+    mask: object
+    cache: object  # transformers' DynamicCache after the prompt
+    logits: object  # [rows, vocab], fp32
+
+    def copy(self) -> "PromptPass":
+        """A copy whose cache can grow (decoding and losses append to the cache they are given)."""
+        return PromptPass(self.ids, self.mask, copy.deepcopy(self.cache), self.logits)
+
+
+def _positions(mask, new: int):
+    return (mask.cumsum(1) - 1).clamp(min=0)[:, -new:]
+
+
+def _next_logits(model, ids, mask, cache, cache_kw: str):
+    import torch
+
+    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask, ids.shape[1]), use_cache=True,
+                logits_to_keep=1, **{cache_kw: cache})
+    return out.logits[:, -1].to(copy=True, dtype=torch.float32)
+
+
+def prompt_pass(model, ids, mask) -> PromptPass:
+    """The model's pass over the prompts `ids` (left-padded, `mask`); a peft model's active adapter (or none, inside
+    `disable_adapter()`) decides whose pass it is."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        return PromptPass(ids, mask, cache, _next_logits(model, ids, mask, cache, cache_keyword(model)))
+
+
+class BasePromptPasses:
+    """The base model's prompt passes of one evaluation run, by prompt batch: the base's scoring stage keeps each
+    one, and an adapter decoded in contrast with the base starts the base's side from it instead of running the
+    base over the same prompts again (on the 2-core CPU, one pass over the 136 evaluation prompts is ~10 s). Up to
+    `budget_bytes` of KV cache are kept; a batch beyond it is not (its contrast runs its own pass)."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.passes = budget_bytes, {}
+
+    @staticmethod
+    def _key(ids, mask) -> str:
+        return hashlib.sha256(ids.cpu().numpy().tobytes() + b"|" + mask.cpu().numpy().tobytes()).hexdigest()
+
+    def keep(self, start: PromptPass) -> None:
+        size = _cache_bytes(start.cache)
+        if size + sum(_cache_bytes(p.cache) for p in self.passes.values()) <= self.budget:
+            self.passes[self._key(start.ids, start.mask)] = start.copy()
+
+    def get(self, ids, mask) -> PromptPass | None:
+        """A copy of the base's pass over exactly these prompts, or None."""
+        kept = self.passes.get(self._key(ids, mask))
+        return kept.copy() if kept else None
+
+
+def _cache_bytes(cache) -> int:
+    import torch
+
+    return sum(t.numel() * t.element_size() for t in _tensors(cache) if isinstance(t, torch.Tensor))
+
+
+def _tensors(obj):
+    layers = getattr(obj, "layers", None)
+    if layers is not None:
+        return [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+    return [t for pair in obj for t in pair]  # a legacy tuple of (key, value) per layer
+
+
+def greedy_decode(model, start: PromptPass, decoding: Decoding, stop_ids: list[int], pad_id: int,
+                  stop_criteria=None, base: PromptPass | None = None):
+    """Greedy replies to the prompts of `start` (the model's own pass, whose cache it consumes): [rows,
+    decoding.max_new_tokens] new token ids, each row ended by one of `stop_ids` or by `stop_criteria` (transformers'
+    StopStringCriteria: the `###` marker) and padded with `pad_id` after. The same tokens as `model.generate()`
+    with the same settings (tests/test_decoding.py), with the repetition penalty and no-repeat n-gram size of
+    `decoding` and, when it has a base contrast, the base (adapter switched off) scored alongside from `base` (its
+    pass over the same prompts; None: run here)."""
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    cache_kw, beta = cache_keyword(model), decoding.base_contrast
+    if beta and base is None:
+        with model.disable_adapter():
+            base = prompt_pass(model, start.ids, start.mask)
+    penalize = repetition_penalty(decoding, start.mask)
+    no_repeat = NoRepeatNGramLogitsProcessor(decoding.no_repeat_ngram_size) if decoding.no_repeat_ngram_size else None
+    stops = torch.tensor(sorted(set(stop_ids)), device=start.ids.device)
+    rows = start.ids.shape[0]
+    out = torch.full((rows, decoding.max_new_tokens), pad_id, dtype=torch.long, device=start.ids.device)
+    seq, mask, live = start.ids, start.mask, torch.arange(rows, device=start.ids.device)
+    tuned_logits, base_logits = start.logits, base.logits if beta else None
+    caches = [start.cache] + ([base.cache] if beta else [])
+    with torch.no_grad():
+        for step in range(decoding.max_new_tokens):
+            scores = penalize(seq[live], tuned_logits, live)
+            if no_repeat:
+                scores = no_repeat(seq[live], scores)
+            if beta:
+                scores = contrast_scores(scores, penalize(seq[live], base_logits, live), beta)
+            chosen = scores.argmax(dim=-1)
+            out[live, step] = chosen
+            seq = torch.cat([seq, seq.new_full((rows, 1), pad_id)], dim=1)
+            seq[live, -1] = chosen
+            ended = torch.isin(chosen, stops)
+            if stop_criteria is not None:
+                ended |= stop_criteria(seq[live], scores).to(ended.device)
+            if bool(ended.all()) or step + 1 == decoding.max_new_tokens:
+                break
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            if bool(ended.any()):
+                writing = (~ended).nonzero().flatten()
+                for cache in caches:
+                    cache.batch_select_indices(writing)
+                mask, live, chosen = mask[writing], live[writing], chosen[writing]
+            tuned_logits = _next_logits(model, chosen[:, None], mask, start.cache, cache_kw)
+            if beta:
+                with model.disable_adapter():
+                    base_logits = _next_logits(model, chosen[:, None], mask, base.cache, cache_kw)
+    return out
+
+
+def reply_losses(model, start: PromptPass, replies: list[list[int]], logits_bytes: int = 2 ** 29) -> list[tuple[float, int]]:
+    """(summed cross-entropy, tokens) of each row's `replies` tokens after its prompt, from the model's pass over
+    the prompts (`start`, left unchanged): only the reply tokens are run, on copies of the prompt cache, in groups
+    of rows whose fp32 logits stay under `logits_bytes`. The same numbers as a forward pass over prompt + reply
+    (tests/test_decoding.py), for about half the arithmetic of the evaluation's reference losses."""
+    import torch
+
+    cache_kw = cache_keyword(model)
+    device = start.ids.device
+    first = torch.tensor([r[0] if r else -100 for r in replies], device=device)
+    head = torch.nn.functional.cross_entropy(start.logits, first, ignore_index=-100, reduction="none")
+    sums = head.tolist()
+    counts = [len(r) for r in replies]
+    width = max((len(r) - 1 for r in replies), default=0)
+    if width > 0:
+        per_row = width * start.logits.shape[-1] * 4
+        group = max(1, min(len(replies), logits_bytes // per_row))
+        for lo in range(0, len(replies), group):
+            idx = list(range(lo, min(lo + group, len(replies))))
+            inputs = torch.zeros((len(idx), width), dtype=torch.long, device=device)
+            targets = torch.full((len(idx), width), -100, dtype=torch.long, device=device)
+            typed = torch.zeros((len(idx), width), dtype=start.mask.dtype, device=device)
+            for j, i in enumerate(idx):
+                n = len(replies[i]) - 1
+                if n > 0:
+                    inputs[j, :n] = torch.tensor(replies[i][:-1])
+                    targets[j, :n] = torch.tensor(replies[i][1:])
+                    typed[j, :n] = 1
+            cache = copy.deepcopy(start.cache)
+            cache.batch_select_indices(torch.tensor(idx, device=device))
+            mask = torch.cat([start.mask[idx], typed], dim=1)
+            with torch.no_grad():
+                logits = model(input_ids=inputs, attention_mask=mask, position_ids=_positions(mask, width),
+                               use_cache=True, **{cache_kw: cache}).logits
+            # over the last dimension: CPU cross-entropy over a transposed [rows, vocab, tokens] tensor differed by
+            # ~1e-4 a token from a full forward's loss; this way it agrees to ~1e-6 (tests/test_decoding.py)
+            losses = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                       ignore_index=-100, reduction="none").view(len(idx), width).sum(dim=1)
+            for j, i in enumerate(idx):
+                sums[i] += losses[j].item()
+    return [(s if c else 0.0, c) for s, c in zip(sums, counts)]

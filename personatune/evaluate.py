@@ -16,15 +16,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessorList, StopStringCriteria
 
 from personatune.config import FinetuneConfig
 from personatune.files import atomic_dir, is_complete
-from personatune.decoding import Decoding, base_contrast_processor, generation_config
+from personatune.decoding import (BasePromptPasses, Decoding, base_contrast_processor, generation_config, greedy_decode,
+                                  prompt_pass, reply_losses)
 from personatune.metrics import distinct_n, loops, paired_similarity, reply_stats
 from personatune.prompt import cut_reply, prompt_format_of, stop_strings
-from personatune.tokenization import (IGNORE_INDEX, encode_prompt, generation_eos, load_tokenized, load_tokenizer,
-                                      stop_token_ids)
+from personatune.tokenization import (IGNORE_INDEX, encode_prompt, encode_response, generation_eos, load_tokenized,
+                                      load_tokenizer, stop_token_ids)
 from personatune.train import collator, free_accelerator_memory
 
 TRAIN_LOSS_ROWS = 64  # train loss is measured on the first 64 training rows (a fixed sample)
@@ -45,6 +46,7 @@ LOGIT_CHUNK_TOKENS = 1024
 LOGIT_BYTES = 10
 
 
+BASE_PASS_BUDGET = 2 ** 30  # bytes of the base's prompt passes kept for the contrast (the embedded model's: ~0.3 GiB)
 CPU_KV_BUDGET_GIB = 3.0  # KV cache a CPU generation batch may hold (the embedded model, 136 prompts + contrast: ~1.4 GiB)
 
 
@@ -145,7 +147,8 @@ def mean_loss(model, dataset, tok, batch_size: int = LOSS_BATCH) -> float:
 @torch.no_grad()
 def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decoding = Decoding(), stop_markers: bool = True,
                      seed: int = 0, streamer=None, batch_size: int | None = None,
-                     prompt_format: str = "scaffold") -> list[dict]:
+                     prompt_format: str = "scaffold", references: list[str] | None = None,
+                     base_passes: BasePromptPasses | None = None, keep_base_passes: bool = False) -> list[dict]:
     """Replies to (instruction, user) prompts, batched with left padding, decoded with `decoding` (its token limit,
     sampling and repetition controls). A sampling decoding reseeds before each batch (`seed` + the batch's first
     index), so the replies to a fixed prompt list do not depend on what ran before.
@@ -153,6 +156,12 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
     Each result says why generation ended: `eos`, `marker` (the `###` stop string) or `length`. With
     stop_markers=False only EOS stops generation (the seed's behaviour). `prompt_format` is the adapter's
     (personatune.prompt): `chat` prompts through the chat template and stops at its end-of-turn token (`eos`).
+
+    On a CPU, greedy and without a streamer, replies come from `greedy_decode` (the same tokens as generate(), rows
+    that end leave the batch) and each batch's prompt pass is reused: with `references` (one reply per prompt) each
+    result also holds `reference_loss`, the (summed loss, tokens) of that reference after the prompt; `base_passes`
+    (one evaluation run's) keeps the pass when `keep_base_passes` (`model` is the base) and otherwise gives an
+    adapter's contrast the base's pass over the same prompts.
     """
     if decoding.base_contrast and not hasattr(model, "disable_adapter"):
         raise ValueError("base_contrast decodes an adapter against its base: give a peft model with the adapter "
@@ -174,13 +183,35 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
     tokens_per_row = decoding.max_new_tokens + max((len(ids) for ids in encoded), default=1)
     text_config = model.config.get_text_config()
     if free is None:
+        # the batch's caches (2 with the base contrast), plus a kept or taken copy of the base's prompt pass
         size = batch_size or cpu_rows_that_fit(GENERATION_BATCH, text_config, tokens_per_row,
-                                               caches=2 if decoding.base_contrast else 1)
+                                               caches=3 if decoding.base_contrast else 2)
     else:
         size = rows_that_fit(batch_size or GPU_GENERATION_BATCH, tokens_per_row, text_config.vocab_size, free)
 
+    reuse_prompt_pass = device.type == "cpu" and not decoding.sampling and streamer is None
+    stop = (StopStringCriteria(tok, stop_strings(prompt_format))
+            if reuse_prompt_pass and stop_markers and stop_strings(prompt_format) else None)
+    replies = [encode_response(tok, r, prompt_format) for r in references] if references is not None else None
+
+    def run_from_prompt_pass(start: int, end: int, inputs) -> list[dict]:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        first = prompt_pass(model, ids, mask)
+        if keep_base_passes and base_passes is not None:
+            base_passes.keep(first)
+        losses = reply_losses(model, first, replies[start:end]) if replies is not None else None
+        base = base_passes.get(ids, mask) if base_passes is not None and decoding.base_contrast else None
+        out = greedy_decode(model, first, decoding, stop_ids, tok.pad_token_id, stop, base)
+        results = [_describe(tok, instruction, user, row, stop_ids, prompt_format)
+                   for (instruction, user), row in zip(prompts[start:end], out.tolist())]
+        for result, loss in zip(results, losses or []):
+            result["reference_loss"] = loss
+        return results
+
     def run(start: int, end: int) -> list[dict]:
         inputs = tok.pad({"input_ids": encoded[start:end]}, return_tensors="pt").to(device)
+        if reuse_prompt_pass:
+            return run_from_prompt_pass(start, end, inputs)
         if decoding.sampling:
             torch.manual_seed(seed + start)
         contrast = ({"logits_processor": LogitsProcessorList([base_contrast_processor(
@@ -255,20 +286,23 @@ SAMPLE_SEED_STRIDE = 1000  # reply sample j of a set is seeded seed + 1000 j (+ 
 
 
 def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, similarity: bool = True,
-                seed: int = 0, prompt_format: str = "scaffold", reply_samples: int = 1) -> dict:
+                seed: int = 0, prompt_format: str = "scaffold", reply_samples: int = 1,
+                base_passes: BasePromptPasses | None = None, is_base: bool = False) -> dict:
     """Loss on the references, replies, and reply metrics of one model on each evaluation set.
 
     A sampling decoding with reply_samples = k > 1 answers every prompt k times (seeded, so reproducible): a prompt's
     similarity is the mean over its k replies, loop and run-on rates count all of them, and distinct-2 is the mean
     over the k reply sets (each one reply per prompt, so it compares with a greedy set). Greedy answers once.
     Sample 0 is the single-sample evaluation's reply, and the one shown in reports.
+    `base_passes`: the run's base prompt passes, kept when `is_base`, else read by the contrast (generate_replies).
     """
     k = reply_samples if decoding.sampling else 1
     scores: dict = {"decoding": decoding.to_dict(), "reply_samples": k, "sets": {}, "seconds": {}}
     all_sims, all_gens, by_sample = [], [], [[] for _ in range(k)]
     sets = {name: rows for name, rows in sets.items() if rows}
     started = time.perf_counter()
-    replies = replies_per_set(model, tok, sets, decoding, seed, prompt_format, k)
+    replies = replies_per_set(model, tok, sets, decoding, seed, prompt_format, k, base_passes=base_passes,
+                              is_base=is_base)
     scores["seconds"]["generate"] = round(time.perf_counter() - started, 2)
     for name, rows in sets.items():
         refs, runs = [r["reference"] for r in rows], replies[name]
@@ -279,7 +313,10 @@ def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, sim
         per_prompt = [_mean(list(s)) if similarity else None for s in zip(*sims)]
         gens = [g for run in runs for g in run]
         stats = {**reply_stats(gens), "distinct_1": mean_distinct(runs, 1), "distinct_2": mean_distinct(runs, 2)}
-        loss = reference_loss(model, tok, rows, prompt_format)
+        # from the generation's prompt pass when it gave one (greedy on a CPU), else a pass over prompt + reference
+        parts = [g.get("reference_loss") for g in runs[0]]
+        loss = (sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1) if all(parts)
+                else reference_loss(model, tok, rows, prompt_format))
         scores["seconds"][name] = {"similarity": round(compared - started, 2),
                                    "loss": round(time.perf_counter() - compared, 2)}
         scores["sets"][name] = {
@@ -304,21 +341,24 @@ def score_model(model, tok, sets: dict[str, list[dict]], decoding: Decoding, sim
 
 
 def replies_per_set(model, tok, sets: dict[str, list[dict]], decoding: Decoding, seed: int = 0,
-                    prompt_format: str = "scaffold", k: int = 1, joint: bool | None = None) -> dict[str, list[list[dict]]]:
+                    prompt_format: str = "scaffold", k: int = 1, joint: bool | None = None,
+                    base_passes: BasePromptPasses | None = None, is_base: bool = False) -> dict[str, list[list[dict]]]:
     """k reply sets (sample j seeded seed + SAMPLE_SEED_STRIDE j) for each evaluation set. joint (default: greedy
     decoding): every set goes into the same generation batches, since a bigger batch costs less per prompt: on a GPU
     a decoding step waits on kernel launches, not arithmetic, so 136 prompts cost about what 64 do
     (bench/eval_gpu.py); on the CPU one batch of 136 took 45 s against ~70 s in batches of 32 (GENERATION_BATCH). A
     set's replies may then move with the other set's prompts (the padding of a shared batch; none moved in that
     measurement), which the score's cache key covers (it hashes every set). Sampling batches each set on its own,
-    so a set's random draws depend on its own prompts only."""
+    so a set's random draws depend on its own prompts only. Each row's reference goes along (generate_replies:
+    its loss from the prompt pass, where one is reused), and `base_passes` / `is_base` as there."""
     if joint is None:
         joint = not decoding.sampling
 
     def sample_runs(rows: list[dict]) -> list[list[dict]]:
         prompts = [(r["instruction"], r["user"]) for r in rows]
         return [generate_replies(model, tok, prompts, decoding=decoding, seed=seed + j * SAMPLE_SEED_STRIDE,
-                                 prompt_format=prompt_format) for j in range(k)]
+                                 prompt_format=prompt_format, references=[r["reference"] for r in rows],
+                                 base_passes=base_passes, keep_base_passes=is_base) for j in range(k)]
 
     if not joint:
         return {name: sample_runs(rows) for name, rows in sets.items()}
@@ -349,6 +389,7 @@ class EvaluationModels:
         self.key: tuple | None = None
         self.model = self.tok = None
         self.adapters: dict[str, str] = {}  # adapter folder -> its name on the model
+        self.base_passes = BasePromptPasses(BASE_PASS_BUDGET)  # the base's prompt passes, for the contrast
         self.loads = 0
 
     def base(self, resolved: str, cfg: FinetuneConfig):
@@ -401,6 +442,7 @@ class EvaluationModels:
     def close(self) -> None:
         self.key = self.model = self.tok = None
         self.adapters = {}
+        self.base_passes = BasePromptPasses(BASE_PASS_BUDGET)
         free_accelerator_memory()
 
 
@@ -420,7 +462,7 @@ def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | 
         torch.manual_seed(cfg.seed)
         decoding = Decoding.from_config(cfg) if adapter_dir else Decoding.from_config(cfg).without_contrast()
         scores = score_model(model, tok, eval_sets(cfg), decoding, cfg.persona_similarity, cfg.seed, prompt_format,
-                             cfg.reply_samples)
+                             cfg.reply_samples, base_passes=models.base_passes, is_base=adapter_dir is None)
     scores["adapter"] = str(adapter_dir) if adapter_dir else None
     scores["seconds"]["load"] = round(loaded, 2)
     print(f"Timing: score {'adapter' if adapter_dir else 'base'}: {json.dumps(scores['seconds'])}")

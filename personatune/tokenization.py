@@ -60,12 +60,17 @@ def encode_example(tok, instruction: str, user: str, response: str,
     anyway; evaluation sets reach this without that check). `chat`: the prompt of `encode_prompt`, then the reply
     and the template's end-of-turn token, the only labelled positions (what follows that token is never learned)."""
     prompt_ids = encode_prompt(tok, instruction, user, prompt_format)
+    response_ids = encode_response(tok, response, prompt_format)
+    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+
+
+def encode_response(tok, response: str, prompt_format: str = "scaffold") -> list[int]:
+    """The labelled ids of a reply, as `encode_example` puts them after the prompt: its text, then EOS (scaffold) or
+    the template's end-of-turn token (chat; the reply stripped, as the template renders it)."""
     if prompt_format == "chat":
         reply_ids = tok(response.strip(), add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        response_ids = reply_ids + [end_of_turn_id(tok, prompt_format)]
-    else:
-        response_ids = tok(response, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tok.eos_token_id]
-    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+        return reply_ids + [end_of_turn_id(tok, prompt_format)]
+    return tok(response, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tok.eos_token_id]
 
 
 def encode_prompt(tok, instruction: str, user: str, prompt_format: str = "scaffold") -> list[int]:

@@ -133,8 +133,8 @@ def _adapted(base_model_dir, lora_b: float):
     cfg = FinetuneConfig()
     model = load_base_model(base_model_dir, cfg)
     dequantize_frozen_base(model)
+    torch.manual_seed(3)  # peft draws the A matrices: the same adapter whatever ran before
     model = get_peft_model(model, lora_config(cfg, model))
-    torch.manual_seed(3)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -260,3 +260,114 @@ def test_base_contrast_runs_the_base_on_the_rows_still_writing(base_model_dir, t
     base_passes = rows_seen[1::2]  # tuned pass, then the processor's base pass, each step
     assert base_passes[0] == len(prompts) and min(base_passes) < len(prompts)
     assert base_passes == sorted(base_passes, reverse=True)
+
+
+MORE_PROMPTS = PROMPTS + [("Be terse.", "Say one word."), ("Be terse.", "Yes or no?"),
+                          (PROMPTS[0][0], "Tell me about your weekend plans, in detail, with every place you will visit.")]
+
+
+def _prompt_batch(tokenizer, prompts):
+    from personatune.tokenization import encode_prompt
+
+    return tokenizer.pad({"input_ids": [encode_prompt(tokenizer, i, u, "scaffold") for i, u in prompts]},
+                         return_tensors="pt", padding_side="left")
+
+
+@pytest.mark.parametrize("lora_b, decoding", [(0.0, Decoding(40, 1.15)), (0.02, Decoding(40, 1.15, base_contrast=0.7)),
+                                              (0.02, Decoding(40, 1.1, 3))], ids=["base", "contrast", "no-repeat-3"])
+def test_greedy_decoding_from_a_prompt_pass_writes_what_generate_writes(base_model_dir, tokenizer, lora_b, decoding):
+    """greedy_decode (rows that end leave the batch) gives the same tokens as model.generate() with the same settings:
+    EOS, the `###` stop string, the repetition penalty (left padding left out), no-repeat n-grams and the contrast with
+    the base; rows end at different steps, and its passes shrink as they do."""
+    from transformers import LogitsProcessorList, StopStringCriteria
+
+    from personatune.decoding import base_contrast_processor, greedy_decode, prompt_pass
+    from personatune.tokenization import generation_eos, stop_token_ids
+
+    model = _adapted(base_model_dir, lora_b)
+    batch = _prompt_batch(tokenizer, MORE_PROMPTS)
+    eos = generation_eos(tokenizer, "scaffold")
+    contrast = ({"logits_processor": LogitsProcessorList([base_contrast_processor(model, batch["attention_mask"],
+                                                                                   decoding, eos)])}
+                if decoding.base_contrast else {})
+    with torch.no_grad():
+        expected = model.generate(**batch, max_new_tokens=decoding.max_new_tokens, eos_token_id=eos,
+                                  pad_token_id=tokenizer.pad_token_id, stop_strings=["###"], tokenizer=tokenizer,
+                                  **decoding.generate_kwargs(), **contrast)[:, batch["input_ids"].shape[1]:]
+    rows_seen: list[int] = []
+    hook = model.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        got = greedy_decode(model, prompt_pass(model, batch["input_ids"], batch["attention_mask"]), decoding,
+                            stop_token_ids(tokenizer), tokenizer.pad_token_id,
+                            StopStringCriteria(tokenizer, ["###"]))
+    finally:
+        hook.remove()
+    assert torch.equal(got[:, :expected.shape[1]], expected)
+    assert (got[:, expected.shape[1]:] == tokenizer.pad_token_id).all()
+    lengths = [(row != tokenizer.pad_token_id).sum().item() for row in expected]
+    assert len(set(lengths)) > 2  # rows ended at different steps
+    assert rows_seen[0] == len(MORE_PROMPTS) and min(rows_seen) < len(MORE_PROMPTS)  # finished rows left the batch
+
+
+def test_reply_losses_from_the_prompt_pass_equal_a_full_forward(base_model_dir, tokenizer):
+    """The loss of each reference after its prompt, from the prompt pass (left-padded batch, replies of different
+    lengths, computed in groups of rows), equals the evaluation's loss over prompt + reference to 1e-5, and leaves
+    the prompt pass as it was (decoding from it afterwards still writes generate()'s tokens)."""
+    from personatune.decoding import prompt_pass, reply_losses
+    from personatune.evaluate import reference_loss
+    from personatune.tokenization import encode_response
+
+    model = _adapted(base_model_dir, 0.02)
+    references = ["Cats are fine.", "Ashes. Mostly of my enemies, lightly salted, served cold at midnight.",
+                  "The sea keeps its dead.", "No.", "Yes, if it rains.", "Nothing you would survive."]
+    rows = [{"instruction": i, "user": u, "reference": r} for (i, u), r in zip(MORE_PROMPTS, references)]
+    batch = _prompt_batch(tokenizer, MORE_PROMPTS)
+    start = prompt_pass(model, batch["input_ids"], batch["attention_mask"])
+    cache_length = start.cache.get_seq_length()
+    replies = [encode_response(tokenizer, r) for r in references]
+    parts = reply_losses(model, start, replies, logits_bytes=2 * 20 * model.config.vocab_size * 4)  # 2-row groups
+    assert [n for _, n in parts] == [len(r) for r in replies]
+    for row, (total, n) in zip(rows, parts):
+        assert total / n == pytest.approx(reference_loss(model, tokenizer, [row]), abs=1e-5)
+    pooled = sum(t for t, _ in parts) / sum(n for _, n in parts)
+    assert pooled == pytest.approx(reference_loss(model, tokenizer, rows), abs=1e-5)
+    assert start.cache.get_seq_length() == cache_length
+
+
+def test_the_contrast_starts_from_the_base_pass_kept_by_the_base_stage(base_model_dir, tokenizer):
+    """score_model of the base keeps its prompt pass; the adapter's, decoded in contrast with the base, starts the
+    base's side from it (no base pass over the prompts: one prompt-length pass per batch, the tuned model's) and
+    writes the same replies and losses as without it. The store keeps passes up to its byte budget only."""
+    from personatune.decoding import BasePromptPasses
+    from personatune.evaluate import score_model
+
+    model = _adapted(base_model_dir, 0.02)
+    rows = [{"instruction": i, "user": u, "reference": "Nothing you would survive."} for i, u in MORE_PROMPTS]
+    sets, decoding = {"golden": rows[:2], "probes": rows[2:]}, Decoding(24, 1.15, base_contrast=0.7)
+    passes = BasePromptPasses(2 ** 30)
+    with model.disable_adapter():
+        score_model(model, tokenizer, sets, decoding.without_contrast(), similarity=False, base_passes=passes,
+                    is_base=True)
+    assert len(passes.passes) == 1  # one generation batch (both sets, greedy)
+    prompt_length = _prompt_batch(tokenizer, MORE_PROMPTS)["input_ids"].shape[1]
+    widths: list[int] = []
+    hook = model.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        reused = score_model(model, tokenizer, sets, decoding, similarity=False, base_passes=passes)
+        prompt_passes_reused = widths.count(prompt_length)
+        widths.clear()
+        alone = score_model(model, tokenizer, sets, decoding, similarity=False)
+        prompt_passes_alone = widths.count(prompt_length)
+    finally:
+        hook.remove()
+    assert (prompt_passes_reused, prompt_passes_alone) == (1, 2)
+    for name in sets:
+        assert [r["reply"] for r in reused["sets"][name]["replies"]] == [r["reply"] for r in alone["sets"][name]["replies"]]
+        assert reused["sets"][name]["loss"] == alone["sets"][name]["loss"]
+    kept = next(iter(passes.passes.values()))
+    assert BasePromptPasses(0).get(kept.ids, kept.mask) is None
+    small = BasePromptPasses(1024)
+    small.keep(kept)
+    assert small.passes == {}  # over its budget: not kept
