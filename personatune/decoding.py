@@ -242,8 +242,12 @@ def _positions(mask, new: int):
 def _next_logits(model, ids, mask, cache, cache_kw: str):
     import torch
 
+    # the last position by index, not `logits_to_keep=1`: that slices a strided view of the hidden states, and on a
+    # CPU the head's product over it differed by up to 4e-5 between the base and the same base under peft with its
+    # adapters switched off; by index (a contiguous copy, as the losses take them) the two agree exactly
+    last = torch.tensor([ids.shape[1] - 1], device=ids.device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask, ids.shape[1]), use_cache=True,
-                logits_to_keep=1, **{cache_kw: cache})
+                logits_to_keep=last, **{cache_kw: cache})
     return out.logits[:, -1].to(copy=True, dtype=torch.float32)
 
 
@@ -347,7 +351,7 @@ def greedy_decode(model, start: PromptPass, decoding: Decoding, stop_ids: list[i
     return out
 
 
-def reply_losses(model, start: PromptPass, replies: list[list[int]], logits_bytes: int = 2 ** 29) -> list[tuple[float, int]]:
+def reply_losses(model, start: PromptPass, replies: list[list[int]], logits_bytes: int = 2 ** 28) -> list[tuple[float, int]]:
     """(summed cross-entropy, tokens) of each row's `replies` tokens after its prompt, from the model's pass over
     the prompts (`start`, left unchanged): only the reply tokens are run, on copies of the prompt cache, in groups
     of rows whose fp32 logits stay under `logits_bytes`. The same numbers as a forward pass over prompt + reply

@@ -1,7 +1,7 @@
 """Evaluation: held-out loss of base vs tuned, persona metrics on generated replies, a report and a plot.
 
-Replies stop *during generation*: EOS and the scaffold marker `###` are stop criteria handed to
-`generate()`, so the model never spends tokens writing the next `### User:` turn; `cut_reply` only strips the
+Replies stop *during generation*: EOS and the scaffold marker `###` are stop criteria of the decoding
+(`generate()`, or `greedy_decode` on a CPU), so the model never spends tokens writing the next `### User:` turn; `cut_reply` only strips the
 marker that triggered the stop. The report also shows the run-on rate with EOS alone (the seed's setting, which
 relied on trimming text afterwards), to make the stop criteria's effect visible. A `prompt_format: chat` adapter
 is prompted through the base tokenizer's chat template and stops at its end-of-turn token instead.

@@ -338,17 +338,23 @@ def test_reply_losses_from_the_prompt_pass_equal_a_full_forward(base_model_dir, 
 def test_the_contrast_starts_from_the_base_pass_kept_by_the_base_stage(base_model_dir, tokenizer):
     """score_model of the base keeps its prompt pass; the adapter's, decoded in contrast with the base, starts the
     base's side from it (no base pass over the prompts: one prompt-length pass per batch, the tuned model's) and
-    writes the same replies and losses as without it. The store keeps passes up to its byte budget only."""
+    writes the same replies and losses as without it. The base is scored as the flow scores it, before any adapter
+    is put on it (a plain model), and the same base under peft with the adapter off scores exactly the same. The
+    store keeps passes up to its byte budget only."""
     from personatune.decoding import BasePromptPasses
     from personatune.evaluate import score_model
+    from personatune.model import dequantize_frozen_base, load_base_model
 
+    plain = load_base_model(base_model_dir, FinetuneConfig())
+    dequantize_frozen_base(plain)
     model = _adapted(base_model_dir, 0.02)
     rows = [{"instruction": i, "user": u, "reference": "Nothing you would survive."} for i, u in MORE_PROMPTS]
     sets, decoding = {"golden": rows[:2], "probes": rows[2:]}, Decoding(24, 1.15, base_contrast=0.7)
     passes = BasePromptPasses(2 ** 30)
+    base = score_model(plain, tokenizer, sets, decoding.without_contrast(), similarity=False, base_passes=passes,
+                       is_base=True)
     with model.disable_adapter():
-        score_model(model, tokenizer, sets, decoding.without_contrast(), similarity=False, base_passes=passes,
-                    is_base=True)
+        assert score_model(model, tokenizer, sets, decoding.without_contrast(), similarity=False)["sets"] == base["sets"]
     assert len(passes.passes) == 1  # one generation batch (both sets, greedy)
     prompt_length = _prompt_batch(tokenizer, MORE_PROMPTS)["input_ids"].shape[1]
     widths: list[int] = []
