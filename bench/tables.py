@@ -299,13 +299,28 @@ def multi_gpu_profile(name: str = "multi_gpu_2gpu_20261130-001010") -> str:
                      "NCCL kernels ms (incl. waiting for the other rank)", "host cudaStreamSynchronize ms"], rows)
 
 
+def graph_decode_gpu() -> str:
+    """bench/graph_decode_gpu.py on two machines: generate() (warm: the faster of its runs after the first) against
+    the CUDA-graph loop (every run), 136 prompts, and how many replies have the same text."""
+    rows = []
+    for machine, name in (("machine 1", "graph_decode_gpu_20261130"), ("machine 2", "graph_decode_gpu_20261130b")):
+        r = load(name)
+        for label, side in (("with the contrast", "contrast"), ("the base alone", "base")):
+            warm = sorted(r[k] for k in r if k.startswith(f"generate_{side}_") and not k.endswith("_0"))
+            graph = [r[k] for k in sorted(r) if re.fullmatch(f"graph_{side}_\\d", k)]
+            same = sorted({r[k] for k in r if k.startswith(f"graph_{side}_same_raw_")})
+            rows.append([f"{machine}, {label}", f"{warm[0]:.2f} s ({r[f'generate_{side}_0']:.2f} s first)",
+                         f"{min(graph):.2f}-{max(graph):.2f} s", "/".join(map(str, same)) + f"/{r['prompts']}"])
+    return markdown(["run", "generate(), warm", "graph replays", "same text"], rows)
+
+
 # block name -> function printing it: one table per run file (named as the file), and the targets judged on them
 TABLES = {**{name: (lambda name=name: run_table(name)) for name in _run_files()},
           "bench_targets": bench_targets, "multi_gpu_targets": multi_gpu_targets, "flow_h200": flow_runs,
           "flow_gpu_records": flow_gpu_records, "flow_gpu_cards": flow_gpu_cards,
           "multi_gpu_logs": multi_gpu_logs, "multi_gpu_runs": multi_gpu_runs, "multi_gpu_profile": multi_gpu_profile,
           "multi_gpu_runs_no_host_syncs": lambda: multi_gpu_runs("multi_gpu_2gpu_20261130-0[34]"),
-          "multi_gpu_sweep_nosync": multi_gpu_sweep_nosync}
+          "multi_gpu_sweep_nosync": multi_gpu_sweep_nosync, "graph_decode_gpu": graph_decode_gpu}
 
 
 def _segments(text: str) -> list[tuple[str | None, str]]:

@@ -21,7 +21,7 @@ from transformers import LogitsProcessorList, StopStringCriteria
 from personatune.config import FinetuneConfig
 from personatune.files import atomic_dir, is_complete
 from personatune.decoding import (BasePromptPasses, Decoding, base_contrast_processor, generation_config, greedy_decode,
-                                  prompt_pass, reply_losses)
+                                  prompt_pass, reply_losses, static_greedy_decode)
 from personatune.metrics import distinct_n, loops, paired_similarity, reply_stats
 from personatune.prompt import cut_reply, prompt_format_of, stop_strings
 from personatune.tokenization import (IGNORE_INDEX, encode_prompt, encode_response, generation_eos, load_tokenized,
@@ -157,8 +157,9 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
     stop_markers=False only EOS stops generation (the seed's behaviour). `prompt_format` is the adapter's
     (personatune.prompt): `chat` prompts through the chat template and stops at its end-of-turn token (`eos`).
 
-    On a CPU, greedy and without a streamer, replies come from `greedy_decode` (the same tokens as generate(), rows
-    that end leave the batch) and each batch's prompt pass is reused: with `references` (one reply per prompt) each
+    Greedy and without a streamer, replies come from personatune's own loops, which write generate()'s tokens: on a
+    GPU `static_greedy_decode` (each step a CUDA graph replay), on a CPU `greedy_decode` (rows that end leave the
+    batch), where each batch's prompt pass is also reused: with `references` (one reply per prompt) each
     result also holds `reference_loss`, the (summed loss, tokens) of that reference after the prompt; `base_passes`
     (one evaluation run's) keeps the pass when `keep_base_passes` (`model` is the base) and otherwise gives an
     adapter's contrast the base's pass over the same prompts.
@@ -189,9 +190,10 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
     else:
         size = rows_that_fit(batch_size or GPU_GENERATION_BATCH, tokens_per_row, text_config.vocab_size, free)
 
-    reuse_prompt_pass = device.type == "cpu" and not decoding.sampling and streamer is None
+    own_loop = not decoding.sampling and streamer is None  # greedy_decode (CPU) or static_greedy_decode (GPU)
+    reuse_prompt_pass = own_loop and device.type == "cpu"
     stop = (StopStringCriteria(tok, stop_strings(prompt_format))
-            if reuse_prompt_pass and stop_markers and stop_strings(prompt_format) else None)
+            if own_loop and stop_markers and stop_strings(prompt_format) else None)
     replies = [encode_response(tok, r, prompt_format) for r in references] if references is not None else None
 
     def run_from_prompt_pass(start: int, end: int, inputs) -> list[dict]:
@@ -212,6 +214,11 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
         inputs = tok.pad({"input_ids": encoded[start:end]}, return_tensors="pt").to(device)
         if reuse_prompt_pass:
             return run_from_prompt_pass(start, end, inputs)
+        if own_loop:  # a GPU: each decoding step one CUDA graph replay
+            out = static_greedy_decode(model, inputs["input_ids"], inputs["attention_mask"], decoding, stop_ids,
+                                       tok.pad_token_id, stop)
+            return [_describe(tok, instruction, user, row, stop_ids, prompt_format)
+                    for (instruction, user), row in zip(prompts[start:end], out.tolist())]
         if decoding.sampling:
             torch.manual_seed(seed + start)
         contrast = ({"logits_processor": LogitsProcessorList([base_contrast_processor(

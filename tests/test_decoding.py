@@ -278,10 +278,11 @@ def _prompt_batch(tokenizer, prompts):
 def test_greedy_decoding_from_a_prompt_pass_writes_what_generate_writes(base_model_dir, tokenizer, lora_b, decoding):
     """greedy_decode (rows that end leave the batch) gives the same tokens as model.generate() with the same settings:
     EOS, the `###` stop string, the repetition penalty (left padding left out), no-repeat n-grams and the contrast with
-    the base; rows end at different steps, and its passes shrink as they do."""
+    the base; rows end at different steps, and its passes shrink as they do. static_greedy_decode (the GPU's loop:
+    a static cache and an explicit mask) gives them too."""
     from transformers import LogitsProcessorList, StopStringCriteria
 
-    from personatune.decoding import base_contrast_processor, greedy_decode, prompt_pass
+    from personatune.decoding import base_contrast_processor, greedy_decode, prompt_pass, static_greedy_decode
     from personatune.tokenization import generation_eos, stop_token_ids
 
     model = _adapted(base_model_dir, lora_b)
@@ -308,6 +309,11 @@ def test_greedy_decoding_from_a_prompt_pass_writes_what_generate_writes(base_mod
     lengths = [(row != tokenizer.pad_token_id).sum().item() for row in expected]
     assert len(set(lengths)) > 2  # rows ended at different steps
     assert rows_seen[0] == len(MORE_PROMPTS) and min(rows_seen) < len(MORE_PROMPTS)  # finished rows left the batch
+    # the GPU's loop (static cache, every row kept), its steps run eagerly here instead of as CUDA graph replays
+    static = static_greedy_decode(model, batch["input_ids"], batch["attention_mask"], decoding,
+                                  stop_token_ids(tokenizer), tokenizer.pad_token_id,
+                                  StopStringCriteria(tokenizer, ["###"]), graphs=False)
+    assert torch.equal(static, got)
 
 
 def test_reply_losses_from_the_prompt_pass_equal_a_full_forward(base_model_dir, tokenizer):
