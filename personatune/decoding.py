@@ -464,6 +464,8 @@ def static_greedy_decode(model, ids, mask, decoding: Decoding, stop_ids: list[in
             except torch.cuda.OutOfMemoryError:
                 raise  # the caller's batch halving (evaluate.in_batches) handles it
             except RuntimeError as error:  # a step that cannot be captured: the same step, run eagerly
+                if isinstance(error.__context__, torch.cuda.OutOfMemoryError) or "out of memory" in str(error):
+                    raise  # an out-of-memory inside the capture ends it with another error: still memory
                 print(f"Decoding: CUDA graph capture failed ({str(error).splitlines()[0][:200]}); decoding without graphs")
                 replays, graphs = {}, False
             step_positions.sub_(1), slot.sub_(1)

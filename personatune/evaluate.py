@@ -1,7 +1,7 @@
 """Evaluation: held-out loss of base vs tuned, persona metrics on generated replies, a report and a plot.
 
 Replies stop *during generation*: EOS and the scaffold marker `###` are stop criteria of the decoding
-(`generate()`, or `greedy_decode` on a CPU), so the model never spends tokens writing the next `### User:` turn; `cut_reply` only strips the
+(`generate()`, or for greedy replies `greedy_decode` on a CPU and `static_greedy_decode` on a GPU), so the model never spends tokens writing the next `### User:` turn; `cut_reply` only strips the
 marker that triggered the stop. The report also shows the run-on rate with EOS alone (the seed's setting, which
 relied on trimming text afterwards), to make the stop criteria's effect visible. A `prompt_format: chat` adapter
 is prompted through the base tokenizer's chat template and stops at its end-of-turn token instead.
@@ -53,7 +53,8 @@ CPU_KV_BUDGET_GIB = 3.0  # KV cache a CPU generation batch may hold (the embedde
 def cpu_rows_that_fit(default: int, text_config, tokens_per_row: int, caches: int = 1,
                       budget_gib: float = CPU_KV_BUDGET_GIB) -> int:
     """Rows per CPU generation batch: `default`, or fewer when their fp32 KV caches (`caches` of them: 2 with the
-    base contrast) for `tokens_per_row` tokens would pass `budget_gib`: a 7B base on a CPU gets a few rows, not 144."""
+    base contrast, 3 when prompt passes are reused) for `tokens_per_row` tokens would pass `budget_gib`: a 7B base on
+    a CPU gets a few rows, not 144."""
     heads = getattr(text_config, "num_attention_heads", 1) or 1
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
@@ -157,9 +158,12 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
     stop_markers=False only EOS stops generation (the seed's behaviour). `prompt_format` is the adapter's
     (personatune.prompt): `chat` prompts through the chat template and stops at its end-of-turn token (`eos`).
 
-    Greedy and without a streamer, replies come from personatune's own loops, which write generate()'s tokens: on a
-    GPU `static_greedy_decode` (each step a CUDA graph replay), on a CPU `greedy_decode` (rows that end leave the
-    batch), where each batch's prompt pass is also reused: with `references` (one reply per prompt) each
+    Greedy and without a streamer, replies come from personatune's own loops, which decode by `decoding` alone (a
+    model's own generation_config.json defaults are not read; generate() would add them): on a CPU `greedy_decode`
+    (rows that end leave the batch; generate()'s tokens, tested), elsewhere `static_greedy_decode` (on CUDA each
+    step a CUDA graph replay; the tokens generate() writes on the CPU tests, and 136 of 136 identical replies on an
+    H200, though attention over the static cache's slots may round differently near a tie). A sliding-window model
+    keeps generate() there. On a CPU each batch's prompt pass is also reused: with `references` (one reply per prompt) each
     result also holds `reference_loss`, the (summed loss, tokens) of that reference after the prompt; `base_passes`
     (one evaluation run's) keeps the pass when `keep_base_passes` (`model` is the base) and otherwise gives an
     adapter's contrast the base's pass over the same prompts.
@@ -183,17 +187,21 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
     free = free_cuda_bytes(device)
     tokens_per_row = decoding.max_new_tokens + max((len(ids) for ids in encoded), default=1)
     text_config = model.config.get_text_config()
+    own_loop = not decoding.sampling and streamer is None  # greedy_decode (CPU) or static_greedy_decode (else)
+    reuse_prompt_pass = own_loop and device.type == "cpu"
     if free is None:
-        # the batch's caches (2 with the base contrast), plus a kept or taken copy of the base's prompt pass
+        # the batch's caches (2 with the base contrast), plus, reusing prompt passes, a kept or taken copy of the
+        # base's: 3 for the base and for an adapter alike, so both split the prompts into the same batches and the
+        # base's passes match the adapter's batches
         size = batch_size or cpu_rows_that_fit(GENERATION_BATCH, text_config, tokens_per_row,
-                                               caches=3 if decoding.base_contrast else 2)
+                                               caches=3 if reuse_prompt_pass else 2 if decoding.base_contrast else 1)
     else:
         size = rows_that_fit(batch_size or GPU_GENERATION_BATCH, tokens_per_row, text_config.vocab_size, free)
 
-    own_loop = not decoding.sampling and streamer is None  # greedy_decode (CPU) or static_greedy_decode (GPU)
-    reuse_prompt_pass = own_loop and device.type == "cpu"
+    # a sliding-window cache is not the static one static_greedy_decode opens slot by slot: generate() decodes it
+    static_loop = own_loop and not reuse_prompt_pass and not getattr(text_config, "sliding_window", None)
     stop = (StopStringCriteria(tok, stop_strings(prompt_format))
-            if own_loop and stop_markers and stop_strings(prompt_format) else None)
+            if (reuse_prompt_pass or static_loop) and stop_markers and stop_strings(prompt_format) else None)
     replies = [encode_response(tok, r, prompt_format) for r in references] if references is not None else None
 
     def run_from_prompt_pass(start: int, end: int, inputs) -> list[dict]:
@@ -214,7 +222,7 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
         inputs = tok.pad({"input_ids": encoded[start:end]}, return_tensors="pt").to(device)
         if reuse_prompt_pass:
             return run_from_prompt_pass(start, end, inputs)
-        if own_loop:  # a GPU: each decoding step one CUDA graph replay
+        if static_loop:  # a GPU: each decoding step one CUDA graph replay
             out = static_greedy_decode(model, inputs["input_ids"], inputs["attention_mask"], decoding, stop_ids,
                                        tok.pad_token_id, stop)
             return [_describe(tok, instruction, user, row, stop_ids, prompt_format)
@@ -469,7 +477,8 @@ def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | 
         torch.manual_seed(cfg.seed)
         decoding = Decoding.from_config(cfg) if adapter_dir else Decoding.from_config(cfg).without_contrast()
         scores = score_model(model, tok, eval_sets(cfg), decoding, cfg.persona_similarity, cfg.seed, prompt_format,
-                             cfg.reply_samples, base_passes=models.base_passes, is_base=adapter_dir is None)
+                             cfg.reply_samples, base_passes=models.base_passes,
+                             is_base=adapter_dir is None and cfg.base_contrast > 0)  # kept only for a contrast
     scores["adapter"] = str(adapter_dir) if adapter_dir else None
     scores["seconds"]["load"] = round(loaded, 2)
     print(f"Timing: score {'adapter' if adapter_dir else 'base'}: {json.dumps(scores['seconds'])}")

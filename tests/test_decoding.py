@@ -273,9 +273,12 @@ def _prompt_batch(tokenizer, prompts):
                          return_tensors="pt", padding_side="left")
 
 
-@pytest.mark.parametrize("lora_b, decoding", [(0.0, Decoding(40, 1.15)), (0.02, Decoding(40, 1.15, base_contrast=0.7)),
-                                              (0.02, Decoding(40, 1.1, 3))], ids=["base", "contrast", "no-repeat-3"])
-def test_greedy_decoding_from_a_prompt_pass_writes_what_generate_writes(base_model_dir, tokenizer, lora_b, decoding):
+@pytest.mark.parametrize("lora_b, decoding, by_marker", [(0.0, Decoding(40, 1.15), False),
+                                                         (0.02, Decoding(40, 1.15, base_contrast=0.7), False),
+                                                         (0.02, Decoding(40, 1.1, 3), True)],
+                         ids=["base", "contrast", "no-repeat-3"])
+def test_greedy_decoding_from_a_prompt_pass_writes_what_generate_writes(base_model_dir, tokenizer, lora_b, decoding,
+                                                                        by_marker):
     """greedy_decode (rows that end leave the batch) gives the same tokens as model.generate() with the same settings:
     EOS, the `###` stop string, the repetition penalty (left padding left out), no-repeat n-grams and the contrast with
     the base; rows end at different steps, and its passes shrink as they do. static_greedy_decode (the GPU's loop:
@@ -308,6 +311,9 @@ def test_greedy_decoding_from_a_prompt_pass_writes_what_generate_writes(base_mod
     assert (got[:, expected.shape[1]:] == tokenizer.pad_token_id).all()
     lengths = [(row != tokenizer.pad_token_id).sum().item() for row in expected]
     assert len(set(lengths)) > 2  # rows ended at different steps
+    ends = [tokenizer.decode(row[row != tokenizer.pad_token_id]) for row in expected]
+    # rows ended by the stop string (they write "\n####"): in the no-repeat case, where the replies do that
+    assert any(text.rstrip().endswith("###") for text in ends) == by_marker
     assert rows_seen[0] == len(MORE_PROMPTS) and min(rows_seen) < len(MORE_PROMPTS)  # finished rows left the batch
     # the GPU's loop (static cache, every row kept), its steps run eagerly here instead of as CUDA graph replays
     static = static_greedy_decode(model, batch["input_ids"], batch["attention_mask"], decoding,
@@ -319,7 +325,7 @@ def test_greedy_decoding_from_a_prompt_pass_writes_what_generate_writes(base_mod
 def test_reply_losses_from_the_prompt_pass_equal_a_full_forward(base_model_dir, tokenizer):
     """The loss of each reference after its prompt, from the prompt pass (left-padded batch, replies of different
     lengths, computed in groups of rows), equals the evaluation's loss over prompt + reference to 1e-5, and leaves
-    the prompt pass as it was (decoding from it afterwards still writes generate()'s tokens)."""
+    the prompt pass's cache as it was (every layer's keys and values, so decoding can start from it afterwards)."""
     from personatune.decoding import prompt_pass, reply_losses
     from personatune.evaluate import reference_loss
     from personatune.tokenization import encode_response
@@ -330,7 +336,7 @@ def test_reply_losses_from_the_prompt_pass_equal_a_full_forward(base_model_dir, 
     rows = [{"instruction": i, "user": u, "reference": r} for (i, u), r in zip(MORE_PROMPTS, references)]
     batch = _prompt_batch(tokenizer, MORE_PROMPTS)
     start = prompt_pass(model, batch["input_ids"], batch["attention_mask"])
-    cache_length = start.cache.get_seq_length()
+    before = [t.clone() for layer in start.cache.layers for t in (layer.keys, layer.values)]
     replies = [encode_response(tokenizer, r) for r in references]
     parts = reply_losses(model, start, replies, logits_bytes=2 * 20 * model.config.vocab_size * 4)  # 2-row groups
     assert [n for _, n in parts] == [len(r) for r in replies]
@@ -338,7 +344,8 @@ def test_reply_losses_from_the_prompt_pass_equal_a_full_forward(base_model_dir, 
         assert total / n == pytest.approx(reference_loss(model, tokenizer, [row]), abs=1e-5)
     pooled = sum(t for t, _ in parts) / sum(n for _, n in parts)
     assert pooled == pytest.approx(reference_loss(model, tokenizer, rows), abs=1e-5)
-    assert start.cache.get_seq_length() == cache_length
+    after = [t for layer in start.cache.layers for t in (layer.keys, layer.values)]
+    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
 
 
 def test_the_contrast_starts_from_the_base_pass_kept_by_the_base_stage(base_model_dir, tokenizer):
@@ -379,7 +386,9 @@ def test_the_contrast_starts_from_the_base_pass_kept_by_the_base_stage(base_mode
         assert [r["reply"] for r in reused["sets"][name]["replies"]] == [r["reply"] for r in alone["sets"][name]["replies"]]
         assert reused["sets"][name]["loss"] == alone["sets"][name]["loss"]
     kept = next(iter(passes.passes.values()))
-    assert BasePromptPasses(0).get(kept.ids, kept.mask) is None
+    copy = passes.get(kept.ids, kept.mask)  # a copy to decode from: the kept one stays as it was
+    assert copy is not None and copy.cache is not kept.cache and torch.equal(copy.logits, kept.logits)
+    assert passes.get(kept.ids[1:], kept.mask[1:]) is None  # other prompts: no pass
     small = BasePromptPasses(1024)
     small.keep(kept)
     assert small.passes == {}  # over its budget: not kept
