@@ -163,7 +163,7 @@ def base_contrast_processor(model, attention_mask, decoding: Decoding, eos_ids: 
                     self.mask, self.rows = self.mask[live], self.rows[live]
                 self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], new.shape[1]))], dim=1)
             self.seen = input_ids.shape[1]
-            positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, -new.shape[1]:]
+            positions = _positions(self.mask, new.shape[1])
             with model.disable_adapter():
                 out = model(input_ids=new[self.rows], attention_mask=self.mask, position_ids=positions, use_cache=True,
                             logits_to_keep=1, **{cache_kw: self.cache})  # the prompt's last position only
@@ -288,16 +288,27 @@ class BasePromptPasses:
 
 
 def _cache_bytes(cache) -> int:
-    import torch
-
-    return sum(t.numel() * t.element_size() for t in _tensors(cache) if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def _tensors(obj):
-    layers = getattr(obj, "layers", None)
-    if layers is not None:
-        return [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
-    return [t for pair in obj for t in pair]  # a legacy tuple of (key, value) per layer
+def _next_token_scorer(decoding: Decoding, mask):
+    """`score(seq, tuned_logits, base_logits, rows)`: the scores a greedy step takes its argmax of, for the batch rows
+    `rows` (their tokens so far `seq`): the repetition penalty, no-repeat n-grams, then the contrast with the base
+    (when `decoding` has one; `base_logits` unused otherwise). The two greedy loops below share it."""
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    penalize = repetition_penalty(decoding, mask)
+    no_repeat = NoRepeatNGramLogitsProcessor(decoding.no_repeat_ngram_size) if decoding.no_repeat_ngram_size else None
+
+    def score(seq, tuned_logits, base_logits, rows):
+        scores = penalize(seq, tuned_logits, rows)
+        if no_repeat:
+            scores = no_repeat(seq, scores)
+        if decoding.base_contrast:
+            scores = contrast_scores(scores, penalize(seq, base_logits, rows), decoding.base_contrast)
+        return scores
+
+    return score
 
 
 def greedy_decode(model, start: PromptPass, decoding: Decoding, stop_ids: list[int], pad_id: int,
@@ -309,14 +320,12 @@ def greedy_decode(model, start: PromptPass, decoding: Decoding, stop_ids: list[i
     `decoding` and, when it has a base contrast, the base (adapter switched off) scored alongside from `base` (its
     pass over the same prompts; None: run here)."""
     import torch
-    from transformers import NoRepeatNGramLogitsProcessor
 
     cache_kw, beta = cache_keyword(model), decoding.base_contrast
     if beta and base is None:
         with model.disable_adapter():
             base = prompt_pass(model, start.ids, start.mask)
-    penalize = repetition_penalty(decoding, start.mask)
-    no_repeat = NoRepeatNGramLogitsProcessor(decoding.no_repeat_ngram_size) if decoding.no_repeat_ngram_size else None
+    score = _next_token_scorer(decoding, start.mask)
     stops = torch.tensor(sorted(set(stop_ids)), device=start.ids.device)
     rows = start.ids.shape[0]
     out = torch.full((rows, decoding.max_new_tokens), pad_id, dtype=torch.long, device=start.ids.device)
@@ -325,11 +334,7 @@ def greedy_decode(model, start: PromptPass, decoding: Decoding, stop_ids: list[i
     caches = [start.cache] + ([base.cache] if beta else [])
     with torch.no_grad():
         for step in range(decoding.max_new_tokens):
-            scores = penalize(seq[live], tuned_logits, live)
-            if no_repeat:
-                scores = no_repeat(seq[live], scores)
-            if beta:
-                scores = contrast_scores(scores, penalize(seq[live], base_logits, live), beta)
+            scores = score(seq[live], tuned_logits, base_logits, live)
             chosen = scores.argmax(dim=-1)
             out[live, step] = chosen
             seq = torch.cat([seq, seq.new_full((rows, 1), pad_id)], dim=1)
@@ -409,7 +414,7 @@ def static_greedy_decode(model, ids, mask, decoding: Decoding, stop_ids: list[in
     base contrast the base's with the adapter off) as a CUDA graph and replays it; off, the same step runs eagerly
     (how the CPU tests check it). Whether every row has ended is read every `check_every` steps (a host sync)."""
     import torch
-    from transformers import NoRepeatNGramLogitsProcessor, StaticCache
+    from transformers import StaticCache
 
     rows, prompt = ids.shape
     total, device = prompt + decoding.max_new_tokens, ids.device
@@ -420,7 +425,7 @@ def static_greedy_decode(model, ids, mask, decoding: Decoding, stop_ids: list[in
     open_keys[:, :prompt] = mask.bool()
     allowed = open_keys[:, None, :] & torch.ones(prompt, total, dtype=torch.bool, device=device).tril()[None]
     allowed |= torch.eye(prompt, total, dtype=torch.bool, device=device)[None]  # a padding position sees itself: no NaN
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    positions = _positions(mask, prompt)
     sides = [False, True] if beta else [False]  # True: the base (adapter switched off)
 
     def side(base: bool):
@@ -473,19 +478,14 @@ def static_greedy_decode(model, ids, mask, decoding: Decoding, stop_ids: list[in
                 for layer in caches[base].layers:
                     layer.cumulative_length.fill_(prompt)
 
-    penalize = repetition_penalty(decoding, mask)
-    no_repeat = NoRepeatNGramLogitsProcessor(decoding.no_repeat_ngram_size) if decoding.no_repeat_ngram_size else None
+    score = _next_token_scorer(decoding, mask)
     every = torch.arange(rows, device=device)
     stops = torch.tensor(sorted(set(stop_ids)), device=device)
     seq, done = ids, torch.zeros(rows, dtype=torch.bool, device=device)
     out = torch.full((rows, decoding.max_new_tokens), pad_id, dtype=torch.long, device=device)
     with torch.no_grad():
         for t in range(decoding.max_new_tokens):
-            scores = penalize(seq, logits[False], every)
-            if no_repeat:
-                scores = no_repeat(seq, scores)
-            if beta:
-                scores = contrast_scores(scores, penalize(seq, logits[True], every), beta)
+            scores = score(seq, logits[False], logits.get(True), every)
             chosen = torch.where(done, pad_id, scores.argmax(dim=-1))
             out[:, t] = chosen
             seq = torch.cat([seq, chosen[:, None]], dim=1)

@@ -204,6 +204,10 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
             if (reuse_prompt_pass or static_loop) and stop_markers and stop_strings(prompt_format) else None)
     replies = [encode_response(tok, r, prompt_format) for r in references] if references is not None else None
 
+    def describe(start: int, end: int, new_tokens) -> list[dict]:
+        return [_describe(tok, instruction, user, row, stop_ids, prompt_format)
+                for (instruction, user), row in zip(prompts[start:end], new_tokens.tolist())]
+
     def run_from_prompt_pass(start: int, end: int, inputs) -> list[dict]:
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         first = prompt_pass(model, ids, mask)
@@ -211,9 +215,7 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
             base_passes.keep(first)
         losses = reply_losses(model, first, replies[start:end]) if replies is not None else None
         base = base_passes.get(ids, mask) if base_passes is not None and decoding.base_contrast else None
-        out = greedy_decode(model, first, decoding, stop_ids, tok.pad_token_id, stop, base)
-        results = [_describe(tok, instruction, user, row, stop_ids, prompt_format)
-                   for (instruction, user), row in zip(prompts[start:end], out.tolist())]
+        results = describe(start, end, greedy_decode(model, first, decoding, stop_ids, tok.pad_token_id, stop, base))
         for result, loss in zip(results, losses or []):
             result["reference_loss"] = loss
         return results
@@ -223,17 +225,14 @@ def generate_replies(model, tok, prompts: list[tuple[str, str]], decoding: Decod
         if reuse_prompt_pass:
             return run_from_prompt_pass(start, end, inputs)
         if static_loop:  # a GPU: each decoding step one CUDA graph replay
-            out = static_greedy_decode(model, inputs["input_ids"], inputs["attention_mask"], decoding, stop_ids,
-                                       tok.pad_token_id, stop)
-            return [_describe(tok, instruction, user, row, stop_ids, prompt_format)
-                    for (instruction, user), row in zip(prompts[start:end], out.tolist())]
+            return describe(start, end, static_greedy_decode(model, inputs["input_ids"], inputs["attention_mask"],
+                                                             decoding, stop_ids, tok.pad_token_id, stop))
         if decoding.sampling:
             torch.manual_seed(seed + start)
         contrast = ({"logits_processor": LogitsProcessorList([base_contrast_processor(
             model, inputs["attention_mask"], decoding, eos)])} if decoding.base_contrast else {})
         out = model.generate(**inputs, **kwargs, **contrast)
-        return [_describe(tok, instruction, user, row, stop_ids, prompt_format)
-                for (instruction, user), row in zip(prompts[start:end], out[:, inputs["input_ids"].shape[1]:].tolist())]
+        return describe(start, end, out[:, inputs["input_ids"].shape[1]:])
 
     try:
         return [r for part in in_batches(len(prompts), size, run) for r in part]
