@@ -206,6 +206,31 @@ def setup(args) -> None:
     print("SETUP " + json.dumps(out))
 
 
+def gpu_bench_setup(ap: argparse.ArgumentParser) -> tuple[argparse.Namespace, Path, dict]:
+    """The GPU benches' common part: --dir (work folder), --results and --out parsed with `ap`'s own options, the
+    hub kept offline, and the 7B-shaped model built once in <dir>/llama2-7b-shaped. Returns (args, model folder,
+    what building it took: {} when it was there)."""
+    ap.add_argument("--dir", default="/tmp/personatune-flow-gpu")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.dir) / "llama2-7b-shaped"
+    return args, model_dir, build_shaped_model(model_dir)
+
+
+def cuda_timed(fn):
+    """(fn(), seconds) with the card synchronized before and after."""
+    import torch
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, round(time.perf_counter() - t, 3)
+
+
 def save_result(result: dict, name: str, *folders: str) -> list[Path]:
     """A bench's raw JSON as `name` into each folder given (bench/results, $OUT); a run writes it again as it adds
     to it, so a run cut short keeps what it measured."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,39 +26,23 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def timed(fn):
-    import torch
-
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, round(time.perf_counter() - t, 3)
-
-
 def main() -> None:
+    import bench
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", default="/tmp/personatune-flow-gpu")
-    ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--out", default=os.environ.get("OUT", ""))
-    args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args, model_dir, _ = bench.gpu_bench_setup(ap)
+    work = model_dir.parent
 
     import torch
     from peft import PeftModel, get_peft_model
 
-    import bench
     from personatune.config import FinetuneConfig
     from personatune.decoding import Decoding
     from personatune.evaluate import eval_sets, fast_inference, generate_replies, reference_loss
     from personatune.model import load_base_model, lora_config
     from personatune.tokenization import load_tokenizer
 
-    work = Path(args.dir)
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir = work / "llama2-7b-shaped"
-    bench.build_shaped_model(model_dir)
-    cfg = FinetuneConfig(base_model=str(model_dir))
+    cfg = FinetuneConfig(base_model=str(model_dir), keep_quantized_base=False)  # each load quantizes, as measured before the copy
     record: dict = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": dt.date.today().isoformat(),
                     "model": "Llama-2-7B-shaped, random weights", "decoding": Decoding.from_config(cfg).to_dict(),
                     "seconds": {}}
@@ -71,11 +54,11 @@ def main() -> None:
         print(f"{key}: {value}", flush=True)
         bench.save_result(record, name, args.results, args.out)
 
-    tok, t = timed(lambda: load_tokenizer(str(model_dir), cfg.base_revision))
+    tok, t = bench.cuda_timed(lambda: load_tokenizer(str(model_dir), cfg.base_revision))
     note("tokenizer", t)
-    model, t = timed(lambda: load_base_model(str(model_dir), cfg))
+    model, t = bench.cuda_timed(lambda: load_base_model(str(model_dir), cfg))
     note("load_4bit", t)
-    _, t = timed(lambda: fast_inference(model))
+    _, t = bench.cuda_timed(lambda: fast_inference(model))
     note("dequantize", t)
     adapter = work / "eval-gpu-adapter"
     if not (adapter / "adapter_config.json").is_file():
@@ -86,7 +69,7 @@ def main() -> None:
                 torch.nn.init.normal_(p, std=0.02)
         fresh.save_pretrained(adapter)
         model = fresh.unload()  # the plain base back
-    peft, t = timed(lambda: PeftModel.from_pretrained(model, str(adapter), adapter_name="challenger"))
+    peft, t = bench.cuda_timed(lambda: PeftModel.from_pretrained(model, str(adapter), adapter_name="challenger"))
     note("attach_adapter", t)
     sets = eval_sets(cfg)
     dec = Decoding.from_config(cfg)
@@ -96,26 +79,26 @@ def main() -> None:
     def gen(rows, decoding=dec, **kw):
         return generate_replies(peft, tok, rows, decoding, **kw)
 
-    _, t = timed(lambda: gen(prompts["probes"][:8], Decoding(4, dec.repetition_penalty)))
+    _, t = bench.cuda_timed(lambda: gen(prompts["probes"][:8], Decoding(4, dec.repetition_penalty)))
     note("warmup_4_tokens_8_rows", t)
-    out, t = timed(lambda: gen(prompts["golden"]))
+    out, t = bench.cuda_timed(lambda: gen(prompts["golden"]))
     note("generate_golden_72", t)
     note("new_tokens_golden", sum(g["new_tokens"] for g in out))
-    _, t = timed(lambda: gen(prompts["probes"]))
+    _, t = bench.cuda_timed(lambda: gen(prompts["probes"]))
     note("generate_probes_64", t)
-    _, t = timed(lambda: gen(both))
+    _, t = bench.cuda_timed(lambda: gen(both))
     note("generate_both_136", t)
     with peft.disable_adapter():  # the base alone decodes without the contrast (as the flow scores it)
-        _, t = timed(lambda: gen(both, dec.without_contrast()))
+        _, t = bench.cuda_timed(lambda: gen(both, dec.without_contrast()))
     note("generate_both_136_base", t)
-    _, t = timed(lambda: gen(both, stop_markers=False))
+    _, t = bench.cuda_timed(lambda: gen(both, stop_markers=False))
     note("generate_both_136_no_stop_strings", t)
-    _, t = timed(lambda: gen(both, Decoding(dec.max_new_tokens)))
+    _, t = bench.cuda_timed(lambda: gen(both, Decoding(dec.max_new_tokens)))
     note("generate_both_136_no_repetition_penalty", t)
-    _, t = timed(lambda: gen(both + both, batch_size=272))
+    _, t = bench.cuda_timed(lambda: gen(both + both, batch_size=272))
     note("generate_272_one_batch", t)
     for k, rows in sets.items():
-        _, t = timed(lambda: reference_loss(peft, tok, rows))
+        _, t = bench.cuda_timed(lambda: reference_loss(peft, tok, rows))
         note(f"reference_loss_{k}", t)
     # A batch size not seen before costs more than a repeated one (above: 136 rows 14.6 s the first time, 5.5-6.5 s
     # after). Whether that is cuDNN attention building a plan per new shape (the profile shows its kernels): a new
@@ -123,7 +106,7 @@ def main() -> None:
     for label, rows, cudnn in (("cudnn", both[:120], True), ("no_cudnn", both[:100], False)):
         torch.backends.cuda.enable_cudnn_sdp(cudnn)
         for attempt in ("new_shape", "same_shape"):
-            _, t = timed(lambda: gen(rows))
+            _, t = bench.cuda_timed(lambda: gen(rows))
             note(f"generate_{len(rows)}_{label}_{attempt}", t)
     torch.backends.cuda.enable_cudnn_sdp(True)
 

@@ -117,6 +117,11 @@ def run_flow(model_dir: Path, work: Path, cap: float | None, epochs: float, time
     env.pop("PERSONATUNE_GPU_MEMORY_GIB", None)
     if cap:
         env["PERSONATUNE_GPU_MEMORY_GIB"] = f"{cap:g}"
+    from personatune.files import is_complete
+    from personatune.model import cache_home
+
+    copy = "existing" if any(is_complete(c) for c in (cache_home() / "quantized").glob(f"{model_dir.name}-*")) else (
+        "written by this run")  # load_base_model's kept 4-bit copy of the base (keep_quantized_base)
     before, peak = gpu_memory_used(), {}
     started = time.time()
     with open(work / f"{name}.log", "w+") as log:
@@ -137,7 +142,7 @@ def run_flow(model_dir: Path, work: Path, cap: float | None, epochs: float, time
     lines = text.splitlines()
     return {"name": name, "cap_gib": cap, "num_gpus": num_gpus, "command": " ".join(cmd), "env": {k: env[k] for k in (
                 "CUDA_VISIBLE_DEVICES", "PERSONATUNE_GPU_MEMORY_GIB") if k in env},
-            "gpu_mib_peak_over_before": peak, "gpus_used": sorted(g for g, m in peak.items() if m > 1024),
+            "quantized_copy": copy, "gpu_mib_peak_over_before": peak, "gpus_used": sorted(g for g, m in peak.items() if m > 1024),
             "train_steps": [l.strip() for l in lines if "Training layout: " not in l and "'train_runtime'" in l][-1:],
             "returncode": rc, "ok": rc == 0, "process_s": round(wall, 2), "stages_s": stage_times(lines, started),
             "layouts": [l.split("Training layout: ", 1)[1] for l in lines if "Training layout: " in l],

@@ -13,17 +13,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "bench"))
-
-
-def timed(fn):
-    import torch
-    torch.cuda.synchronize(); t = time.perf_counter(); out = fn(); torch.cuda.synchronize()
-    return out, round(time.perf_counter() - t, 3)
 
 
 def main():
@@ -63,16 +56,16 @@ def main():
         ctx = peft.disable_adapter() if label == "base" else torch.no_grad()
         with ctx:
             for attempt in range(0 if os.environ.get("SKIP_GENERATE") else 2):
-                ref, t = timed(lambda: generate_replies(peft, tok, prompts, d))
+                ref, t = bench.cuda_timed(lambda: generate_replies(peft, tok, prompts, d))
                 rec[f"generate_{label}_{attempt}"] = t
                 print(label, "generate()", attempt, t, flush=True)
-            nog, t = timed(lambda: static_greedy_decode(peft, b["input_ids"], b["attention_mask"], d,
+            nog, t = bench.cuda_timed(lambda: static_greedy_decode(peft, b["input_ids"], b["attention_mask"], d,
                                                  stop_token_ids(tok), tok.pad_token_id, crit, graphs=False))
             rec[f"static_eager_{label}"] = t
             print(label, "static eager", t, flush=True)
             for attempt in range(3):
                 try:
-                    out, t = timed(lambda: static_greedy_decode(peft, b["input_ids"], b["attention_mask"], d,
+                    out, t = bench.cuda_timed(lambda: static_greedy_decode(peft, b["input_ids"], b["attention_mask"], d,
                                                          stop_token_ids(tok), tok.pad_token_id, crit, graphs=True))
                 except Exception as e:
                     import traceback; traceback.print_exc(); rec[f"graph_{label}_error"] = repr(e); break

@@ -205,7 +205,8 @@ def short_layout(layout: str) -> str:
 
 def flow_gpu_cards() -> str:
     """`bench/flow_gpu.py` records with the GPUs they ran on (the format since 2026-11-29 13:00): per run, the card
-    size (cap), whether its Prefect home was new or a shared one an earlier run had created, the stages' seconds,
+    size (cap), whether its Prefect home was new or a shared one an earlier run had created, whether the kept 4-bit
+    copy of the base existed or the run wrote it ("-": not recorded by that version of the bench), the stages' seconds,
     the Trainer's own train_runtime, the out-of-memory retries and the layouts (the plan's, then each back-off's)."""
     import re
 
@@ -222,11 +223,12 @@ def flow_gpu_cards() -> str:
             gpus = f"{r.get('num_gpus', 1)} ({'flow pins' if record['devices'] == 'unset' else 'GPU ' + record['devices']})"
             layouts = [short_layout(l) for l in r["layouts"]]
             rows.append([path.stem.removeprefix("flow_gpu_"), f"{r['cap_gib']:g} GiB" if r["cap_gib"] else "uncapped",
-                         gpus, r.get("prefect_home", "new"), result, f"{r['process_s']:.0f}"]
+                         gpus, r.get("prefect_home", "new"), r.get("quantized_copy", "-"), result,
+                         f"{r['process_s']:.0f}"]
                         + [f"{s[k]:.1f}" if k in s else "-" for k in ("start-up", "train")]
                         + [runtime or "-"] + [f"{s[k]:.1f}" if k in s else "-" for k in ("score", "evaluate")]
                         + [str(len(r["oom_retries"])), " -> ".join(dict.fromkeys(layouts))])
-    return markdown(["record", "card", "GPUs", "Prefect home", "result", "process s", "start-up s", "train stage s",
+    return markdown(["record", "card", "GPUs", "Prefect home", "4-bit copy", "result", "process s", "start-up s", "train stage s",
                      "train_runtime s", "score s", "evaluate s", "OOM retries", "layout (plan -> back-off)"], rows)
 
 

@@ -405,17 +405,18 @@ class EvaluationModels:
         self.adapters: dict[str, str] = {}  # adapter folder -> its name on the model
         self.base_passes = BasePromptPasses(BASE_PASS_BUDGET)  # the base's prompt passes, for the contrast
         self.loads = 0
+        self.load_seconds: dict[str, float] = {}  # the last load's: tokenizer, weights (to inference-ready)
 
     def base(self, resolved: str, cfg: FinetuneConfig):
         """(model, tokenizer): the base with every adapter put on it so far (`active()` picks one or none)."""
-        from personatune.model import load_base_model
-
         key = (resolved, cfg.base_revision, cfg.load_in_4bit, cfg.compute_dtype)
         if key != self.key:
             self.close()  # another base: the old one goes before the new one loads
+            started = time.perf_counter()
             tok = load_tokenizer(resolved, cfg.base_revision)
-            model = load_base_model(resolved, cfg)
-            fast_inference(model)
+            self.load_seconds = {"tokenizer": round(time.perf_counter() - started, 2)}
+            model = load_inference_model(resolved, cfg)
+            self.load_seconds["weights"] = round(time.perf_counter() - started - self.load_seconds["tokenizer"], 2)
             self.key, self.model, self.tok, self.loads = key, model, tok, self.loads + 1
         return self.model, self.tok
 
@@ -471,8 +472,10 @@ def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | 
     models = models or EvaluationModels()
     # a champion bundle is prompted as it was trained (the challenger's stage folder and the base: as configured)
     prompt_format = prompt_format_of(adapter_dir, cfg.prompt_format) if adapter_dir else cfg.prompt_format
+    loads = models.loads
     with models.active(resolved, cfg, adapter_dir) as (model, tok):
         loaded = time.perf_counter() - started
+        base_load = dict(models.load_seconds) if models.loads > loads else None
         torch.manual_seed(cfg.seed)
         decoding = Decoding.from_config(cfg) if adapter_dir else Decoding.from_config(cfg).without_contrast()
         scores = score_model(model, tok, eval_sets(cfg), decoding, cfg.persona_similarity, cfg.seed, prompt_format,
@@ -480,6 +483,8 @@ def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | 
                              is_base=adapter_dir is None and cfg.base_contrast > 0)  # kept only for a contrast
     scores["adapter"] = str(adapter_dir) if adapter_dir else None
     scores["seconds"]["load"] = round(loaded, 2)
+    if base_load:
+        scores["seconds"]["base load"] = base_load
     print(f"Timing: score {'adapter' if adapter_dir else 'base'}: {json.dumps(scores['seconds'])}")
     with atomic_dir(out_dir) as tmp:
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
@@ -487,6 +492,29 @@ def score_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path | 
 
 
 INFERENCE_RESERVE_GIB = 4.0  # left free on a GPU after dequantizing: generation batches, KV cache, logits
+
+
+def load_inference_model(resolved: str, cfg: FinetuneConfig):
+    """The frozen base made fast for inference: its NF4 values in the compute dtype.
+
+    The kept 4-bit copy (`load_base_model`) when there is one, then `fast_inference`: the fewest bytes to read. With
+    none on a GPU, the weights load in the compute dtype and go through NF4 and back where they lie
+    (`load_inference_base`, the same weights bit for bit) when they plus INFERENCE_RESERVE_GIB fit in what this
+    process may allocate; otherwise (and on a CPU, where quantizing is the slow part) the 4-bit load and
+    `fast_inference`. bench/load_gpu.py times the three."""
+    from personatune.model import (checkpoint_elements, compute_dtype, load_base_model, load_inference_base,
+                                   quantized_copy_dir)
+    from personatune.plan import GIB
+
+    copy = quantized_copy_dir(resolved, cfg) if cfg.load_in_4bit and cfg.keep_quantized_base else None
+    if (copy is None or not is_complete(copy)) and torch.cuda.is_available():
+        free = free_cuda_bytes(torch.device("cuda", torch.cuda.current_device()))
+        elements = checkpoint_elements(resolved)
+        if elements is not None and elements * compute_dtype(cfg.compute_dtype).itemsize + INFERENCE_RESERVE_GIB * GIB <= free:
+            return load_inference_base(resolved, cfg)
+    model = load_base_model(resolved, cfg)
+    fast_inference(model)
+    return model
 
 
 def fast_inference(model) -> bool:
@@ -535,18 +563,26 @@ def evaluate_adapter(cfg: FinetuneConfig, resolved: str, adapter_dir: str | Path
 
     splits = {"eval": data["eval"], "train": data["train"].select(range(min(TRAIN_LOSS_ROWS, len(data["train"]))))}
     losses: dict = {"eval": {}, "train": {}}
-    for split, rows in splits.items():
+    seconds["losses"] = {}
+
+    def measure(split: str, side: str) -> None:
+        t = time.perf_counter()
+        losses[split][side] = mean_loss(model, splits[split], tok)
+        seconds["losses"][f"{split} {side}"] = time.perf_counter() - t
+
+    for split in splits:
         with model.disable_adapter():
-            losses[split]["base"] = mean_loss(model, rows, tok)
-        losses[split]["tuned"] = mean_loss(model, rows, tok)
+            measure(split, "base")
+        measure(split, "tuned")
     if champion:
         model.set_adapter(champion)
         try:
-            losses["eval"]["champion"] = mean_loss(model, splits["eval"], tok)
+            measure("eval", "champion")
         finally:
             model.set_adapter(challenger)
-    seconds["losses"] = time.perf_counter() - started - seconds["load"]
-    print("Timing: evaluate: " + json.dumps({k: round(v, 2) for k, v in seconds.items()}))
+    seconds["losses"] = {k: round(v, 2) for k, v in seconds["losses"].items()}
+    print(f"Timing: evaluate: load {seconds['load']:.2f}, losses {json.dumps(seconds['losses'])} "
+          f"({len(splits['eval'])} held-out and {len(splits['train'])} training rows)")
 
     sets = eval_sets(cfg)
     cards = {role: load_scores(path) for role, path in scores.items() if path}

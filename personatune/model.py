@@ -1,8 +1,10 @@
 """Resolve the base model and build the QLoRA model: frozen 4-bit NF4 base + trainable LoRA adapters."""
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -90,18 +92,109 @@ def compute_dtype(name: str) -> torch.dtype:
 
 
 def load_base_model(resolved: str, cfg: FinetuneConfig):
-    """The frozen base: 4-bit NF4 with double quantization (QLoRA) unless load_in_4bit is off."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """The frozen base: 4-bit NF4 with double quantization (QLoRA) unless load_in_4bit is off.
+
+    With `keep_quantized_base` (the default) and a local base, the first 4-bit load keeps a copy of the quantized
+    model (`quantized_copy_dir`) and later loads read it: about a quarter of the bytes and no quantizing, the same
+    4-bit weights bit for bit (tests/test_decoding.py)."""
+    from transformers import BitsAndBytesConfig
 
     dtype = compute_dtype(cfg.compute_dtype)
-    kwargs = {"dtype": dtype, "revision": cfg.base_revision}
-    if cfg.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+    if not cfg.load_in_4bit:
+        return _from_pretrained(resolved, cfg.base_revision, dtype)
+    copy = quantized_copy_dir(resolved, cfg) if cfg.keep_quantized_base else None
+    if copy is not None and is_complete(copy):
+        try:
+            return _from_pretrained(str(copy), None, dtype)  # its config.json holds the 4-bit settings below
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # a damaged copy: the base's own files are still there
+            print(f"The 4-bit copy {copy} did not load ({type(e).__name__}); loading {resolved} and writing it again.")
+            shutil.rmtree(copy, ignore_errors=True)
+    model = _from_pretrained(resolved, cfg.base_revision, dtype, BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+    if copy is not None:
+        keep_quantized_copy(model, copy)
+    return model
+
+
+def quantized_copy_dir(resolved: str, cfg: FinetuneConfig) -> Path | None:
+    """Where the 4-bit copy of a local base lives: `<cache>/quantized/<folder name>-<settings>-<content>`, the
+    content being `model_fingerprint` (file names, sizes, mtimes), so an edited base gets a new copy. None for a Hub
+    id: a moving revision would leave a stale copy behind the same name."""
+    if not Path(resolved).is_dir():
+        return None
+    settings = stable_hash(str(Path(resolved).resolve()), str(compute_dtype(cfg.compute_dtype)), "nf4", "double-quant")
+    return cache_home() / "quantized" / f"{Path(resolved).name[:48]}-{settings[:10]}-{model_fingerprint(resolved, '')[:12]}"
+
+
+def keep_quantized_copy(model, copy: Path) -> None:
+    """Save the freshly loaded 4-bit `model` (before any forward pass: on an AVX-512 CPU bitsandbytes repacks the
+    weights at the first one) as `copy`, written whole or not at all, and remove the copies of older contents of the
+    same base. A failed write (a full disk) costs only the speed-up: the run goes on with a message."""
+    try:
+        with atomic_dir(copy) as tmp:
+            model.save_pretrained(tmp)
+    except OSError as e:
+        print(f"Could not keep the 4-bit copy of the base in {copy.parent} ({e.strerror or e}); later loads quantize "
+              "the base again.")
+        return
+    prefix = copy.name[:-12]
+    for old in copy.parent.glob(f"{glob.escape(prefix)}*"):
+        if old != copy and old.is_dir() and is_complete(old):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_inference_base(resolved: str, cfg: FinetuneConfig):
+    """The base exactly as `load_base_model` + `dequantize_frozen_base` computes with it (each weight the 4-bit load
+    quantizes holds its NF4 values in the compute dtype), without the 4-bit detour: the weights load in the compute
+    dtype and each one goes through NF4 and back where it lies, with bitsandbytes' own functions and the 4-bit
+    load's settings (blocks of 64, double quantization). For inference with memory to spare, as `fast_inference`."""
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    dtype = compute_dtype(cfg.compute_dtype)
+    model = _from_pretrained(resolved, cfg.base_revision, dtype)
+    if not cfg.load_in_4bit:
+        return model
+    skip = list(set(get_keys_to_not_convert(model) + list(model._keep_in_fp32_modules or [])))
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip):
+                weight = module.weight.data.t() if isinstance(module, Conv1D) else module.weight.data
+                codes, state = bnb.functional.quantize_4bit(weight.contiguous(), blocksize=64, compress_statistics=True,
+                                                            quant_type="nf4", quant_storage=torch.uint8)
+                weight.copy_(bnb.functional.dequantize_4bit(codes, state))
+    return model
+
+
+def checkpoint_elements(resolved: str) -> int | None:
+    """How many numbers the weights of a local safetensors checkpoint hold (read from the file headers, nothing
+    loaded); None for anything else (a Hub id, .bin weights)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(resolved).glob("*.safetensors")) if Path(resolved).is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for key in st.keys():
+                n = 1
+                for dim in st.get_slice(key).get_shape():
+                    n *= dim
+                total += n
+    return total
+
+
+def _from_pretrained(resolved: str, revision: str | None, dtype: torch.dtype, quantization=None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, **({"revision": revision} if revision else {})}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     if torch.cuda.is_available():
         from personatune.speedups import enforce_memory_cap
 

@@ -392,3 +392,96 @@ def test_the_contrast_starts_from_the_base_pass_kept_by_the_base_stage(base_mode
     small = BasePromptPasses(1024)
     small.keep(kept)
     assert small.passes == {}  # over its budget: not kept
+
+
+@pytest.mark.parametrize("compute", ["fp32", "bf16"])
+def test_the_inference_base_loads_the_nf4_weights_without_the_4bit_detour(base_model_dir, compute):
+    """load_inference_base (weights loaded in the compute dtype, each one the 4-bit load quantizes sent through NF4
+    and back) holds bit for bit what the 4-bit load and dequantize_frozen_base hold, the untouched tensors (norms,
+    embeddings, head) included, and so does load_inference_model; checkpoint_elements counts the checkpoint's
+    numbers from the file headers."""
+    from personatune.evaluate import load_inference_model
+    from personatune.model import checkpoint_elements, dequantize_frozen_base, load_base_model, load_inference_base
+
+    cfg = FinetuneConfig(compute_dtype=compute)
+    detour = load_base_model(base_model_dir, cfg)
+    assert dequantize_frozen_base(detour) == 7 * detour.config.num_hidden_layers
+    direct = load_inference_base(base_model_dir, cfg)
+    expected, got = detour.state_dict(), direct.state_dict()
+    assert sorted(expected) == sorted(got)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    plain = load_base_model(base_model_dir, FinetuneConfig(compute_dtype=compute, load_in_4bit=False)).state_dict()
+    changed = [k for k in got if not torch.equal(plain[k], got[k])]
+    assert len(changed) == 7 * detour.config.num_hidden_layers  # each projection of each layer, nothing else
+    assert all(k.endswith("proj.weight") for k in changed)
+    chosen = load_inference_model(base_model_dir, cfg).state_dict()
+    assert all(torch.equal(expected[k], chosen[k]) for k in expected)
+    assert checkpoint_elements(base_model_dir) == sum(p.numel() for p in direct.parameters())
+    assert checkpoint_elements("HuggingFaceTB/SmolLM2-135M-Instruct") is None
+
+
+def _dequantized_state(model) -> dict:
+    from personatune.model import dequantize_frozen_base
+
+    dequantize_frozen_base(model)
+    return model.state_dict()
+
+
+def test_the_first_4bit_load_keeps_a_copy_that_later_loads_read_with_the_same_weights(base_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    """keep_quantized_base: the first load saves the quantized model (whole, marked complete) under the cache; the
+    next one loads it (a 4-bit model from the copy's folder) with the same 4-bit codes and block scales, so the same
+    dequantized weights and logits; off, nothing is written. A damaged copy is reloaded from the base and written
+    again; an edited base gets a new copy and the old one goes."""
+    import shutil
+
+    from personatune.files import is_complete
+    from personatune.model import load_base_model, quantized_copy_dir
+
+    monkeypatch.setenv("PERSONATUNE_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    shutil.copytree(base_model_dir, base)
+    cfg = FinetuneConfig()
+    load_base_model(str(base), FinetuneConfig(keep_quantized_base=False))
+    assert not (tmp_path / "cache").exists()
+
+    first = load_base_model(str(base), cfg)
+    copy = quantized_copy_dir(str(base), cfg)
+    assert is_complete(copy) and (copy / "model.safetensors").is_file()
+    assert first.config.name_or_path == str(base)
+    second = load_base_model(str(base), cfg)
+    assert second.config.name_or_path == str(copy)
+    assert type(second.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    expected, got = _dequantized_state(first), _dequantized_state(second)  # before any forward pass (AVX-512)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():  # the 4-bit kernels compute the same from the base and from the copy
+        assert torch.equal(load_base_model(str(base), FinetuneConfig(keep_quantized_base=False))(ids).logits,
+                           load_base_model(str(base), cfg)(ids).logits)
+
+    (copy / "model.safetensors").write_bytes(b"not a model")  # damaged: loads from the base and writes it again
+    again = load_base_model(str(base), cfg)
+    assert again.config.name_or_path == str(base) and is_complete(copy)
+    assert torch.equal(_dequantized_state(again)["model.layers.0.self_attn.q_proj.weight"],
+                       expected["model.layers.0.self_attn.q_proj.weight"])
+
+    (base / "config.json").touch()  # edited base: a new content fingerprint
+    edited = quantized_copy_dir(str(base), cfg)
+    assert edited != copy
+    load_base_model(str(base), cfg)
+    assert is_complete(edited) and not copy.exists()
+    assert quantized_copy_dir("HuggingFaceTB/SmolLM2-135M-Instruct", cfg) is None  # a Hub id: no copy
+
+
+def test_a_copy_that_cannot_be_written_costs_only_the_speed_up(base_model_dir, tmp_path, monkeypatch, capsys):
+    """When the copy cannot be written (here its folder's place is taken by a file) the load still returns the
+    4-bit model, says why, and leaves nothing half-written."""
+    from personatune.model import load_base_model
+
+    monkeypatch.setenv("PERSONATUNE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "quantized").write_text("in the way")
+    model = load_base_model(base_model_dir, FinetuneConfig())
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert "Could not keep the 4-bit copy of the base" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["quantized"]
