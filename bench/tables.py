@@ -316,13 +316,33 @@ def graph_decode_gpu() -> str:
     return markdown(["run", "generate(), warm", "graph replays", "same text"], rows)
 
 
+def load_gpu() -> str:
+    """bench/load_gpu.py records: per machine and repeat, each way of loading the 7B-shaped base ready for inference
+    (seconds to a dequantized model, peak memory allocated) and whether it held the first way's weights bit for bit
+    (checked on the first repeat)."""
+    rows = []
+    for machine, path in enumerate(sorted(RESULTS.glob("load_gpu_*.json")), 1):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        for run in record["runs"]:
+            same = run.get("same_as_4bit+dequant") or ({"bf16+roundtrip": run["bitwise_equal"]}
+                                                       if "bitwise_equal" in run else {})
+            for label, t in run.items():
+                if isinstance(t, dict) and "total_s" in t:
+                    bits = "reference" if label == "4bit+dequant" else (
+                        {True: "yes", False: "NO"}[same[label]] if label in same else "-")
+                    rows.append([f"{path.stem.removeprefix('load_gpu_')} (machine {machine})", str(run["repeat"]),
+                                 label, f"{t['total_s']:.2f}", f"{t['peak_gib']:.2f}", bits])
+    return markdown(["record", "repeat", "load", "seconds", "peak GiB", "same weights bit for bit"], rows)
+
+
 # block name -> function printing it: one table per run file (named as the file), and the targets judged on them
 TABLES = {**{name: (lambda name=name: run_table(name)) for name in _run_files()},
           "bench_targets": bench_targets, "multi_gpu_targets": multi_gpu_targets, "flow_h200": flow_runs,
           "flow_gpu_records": flow_gpu_records, "flow_gpu_cards": flow_gpu_cards,
           "multi_gpu_logs": multi_gpu_logs, "multi_gpu_runs": multi_gpu_runs, "multi_gpu_profile": multi_gpu_profile,
           "multi_gpu_runs_no_host_syncs": lambda: multi_gpu_runs("multi_gpu_2gpu_20261130-0[34]"),
-          "multi_gpu_sweep_nosync": multi_gpu_sweep_nosync, "graph_decode_gpu": graph_decode_gpu}
+          "multi_gpu_sweep_nosync": multi_gpu_sweep_nosync, "graph_decode_gpu": graph_decode_gpu,
+          "load_gpu": load_gpu}
 
 
 def _segments(text: str) -> list[tuple[str | None, str]]:
