@@ -117,11 +117,13 @@ def run_flow(model_dir: Path, work: Path, cap: float | None, epochs: float, time
     env.pop("PERSONATUNE_GPU_MEMORY_GIB", None)
     if cap:
         env["PERSONATUNE_GPU_MEMORY_GIB"] = f"{cap:g}"
+    from personatune.config import FinetuneConfig
     from personatune.files import is_complete
-    from personatune.model import cache_home
+    from personatune.model import quantized_copy_dir
 
-    copy = "existing" if any(is_complete(c) for c in (cache_home() / "quantized").glob(f"{model_dir.name}-*")) else (
-        "written by this run")  # load_base_model's kept 4-bit copy of the base (keep_quantized_base)
+    # load_base_model's kept 4-bit copy of the base (keep_quantized_base), for the flow's default compute dtype
+    copy_dir = quantized_copy_dir(str(model_dir.resolve()), FinetuneConfig(base_model=str(model_dir)))
+    copy_before = is_complete(copy_dir)
     before, peak = gpu_memory_used(), {}
     started = time.time()
     with open(work / f"{name}.log", "w+") as log:
@@ -140,6 +142,7 @@ def run_flow(model_dir: Path, work: Path, cap: float | None, epochs: float, time
         text = log.read()
     wall = time.time() - started
     lines = text.splitlines()
+    copy = "existing" if copy_before else "written by this run" if is_complete(copy_dir) else "none"
     return {"name": name, "cap_gib": cap, "num_gpus": num_gpus, "command": " ".join(cmd), "env": {k: env[k] for k in (
                 "CUDA_VISIBLE_DEVICES", "PERSONATUNE_GPU_MEMORY_GIB") if k in env},
             "quantized_copy": copy, "gpu_mib_peak_over_before": peak, "gpus_used": sorted(g for g, m in peak.items() if m > 1024),

@@ -321,7 +321,7 @@ def load_gpu() -> str:
     (seconds to a dequantized model, peak memory allocated) and whether it held the first way's weights bit for bit
     (checked on the first repeat)."""
     rows = []
-    for machine, path in enumerate(sorted(RESULTS.glob("load_gpu_*.json")), 1):
+    for path in sorted(RESULTS.glob("load_gpu_*.json")):
         record = json.loads(path.read_text(encoding="utf-8"))
         for run in record["runs"]:
             same = run.get("same_as_4bit+dequant") or ({"bf16+roundtrip": run["bitwise_equal"]}
@@ -330,7 +330,7 @@ def load_gpu() -> str:
                 if isinstance(t, dict) and "total_s" in t:
                     bits = "reference" if label == "4bit+dequant" else (
                         {True: "yes", False: "NO"}[same[label]] if label in same else "-")
-                    rows.append([f"{path.stem.removeprefix('load_gpu_')} (machine {machine})", str(run["repeat"]),
+                    rows.append([f"{path.stem.removeprefix('load_gpu_')} ({record['card']})", str(run["repeat"]),
                                  label, f"{t['total_s']:.2f}", f"{t['peak_gib']:.2f}", bits])
     return markdown(["record", "repeat", "load", "seconds", "peak GiB", "same weights bit for bit"], rows)
 
@@ -341,6 +341,7 @@ TABLES = {**{name: (lambda name=name: run_table(name)) for name in _run_files()}
           "flow_gpu_records": flow_gpu_records, "flow_gpu_cards": flow_gpu_cards,
           "multi_gpu_logs": multi_gpu_logs, "multi_gpu_runs": multi_gpu_runs, "multi_gpu_profile": multi_gpu_profile,
           "multi_gpu_runs_no_host_syncs": lambda: multi_gpu_runs("multi_gpu_2gpu_20261130-0[34]"),
+          "multi_gpu_runs_s11": lambda: multi_gpu_runs("multi_gpu_2gpu_20261130-092"),
           "multi_gpu_sweep_nosync": multi_gpu_sweep_nosync, "graph_decode_gpu": graph_decode_gpu,
           "load_gpu": load_gpu}
 

@@ -34,7 +34,7 @@ class FinetuneConfig:
     base_model: str = field(default=EMBEDDED_MODEL, metadata={"help": "Base model: a Hub id (e.g. meta-llama/Llama-2-7b-hf), a local folder, or the embedded default."})
     base_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit) of base_model."})
     load_in_4bit: bool = field(default=True, metadata={"help": "Load the frozen base in 4-bit NF4 with double quantization (QLoRA)."})
-    keep_quantized_base: bool = field(default=True, metadata={"help": "Keep a 4-bit copy of a local base in the cache (<PERSONATUNE_CACHE or ~/.cache/personatune>/quantized, one per base and compute dtype; ~3.8 GB for a 7B): the first load writes it, later loads (every stage, every run) read a quarter of the bytes and skip quantizing, same weights. Off: every load quantizes the base's own files."})
+    keep_quantized_base: bool = field(default=True, metadata={"help": "Keep a 4-bit copy of a local base in the cache (<PERSONATUNE_CACHE or ~/.cache/personatune>/quantized, one per base, compute dtype, device and library versions; ~3.9 GB for a 7B): the first load writes it, later loads (every stage, every run) read a quarter of the bytes and skip quantizing, same weights; adapters still name the base. Off: every load quantizes the base's own files."})
     compute_dtype: str = field(default="auto", metadata={"help": "Compute dtype of the 4-bit layers: auto (bf16 on CUDA cards that support it, else fp16; fp32 on CPU, where bf16 measured 2.5x slower), bf16, fp16 or fp32."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)."})

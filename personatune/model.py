@@ -96,7 +96,10 @@ def load_base_model(resolved: str, cfg: FinetuneConfig):
 
     With `keep_quantized_base` (the default) and a local base, the first 4-bit load keeps a copy of the quantized
     model (`quantized_copy_dir`) and later loads read it: about a quarter of the bytes and no quantizing, the same
-    4-bit weights bit for bit (tests/test_decoding.py)."""
+    4-bit weights bit for bit (tests/test_decoding.py). A model loaded from the copy still names `resolved` as its
+    source (what adapters record as their base); `model.quantized_copy` says which copy it came from (None: the
+    base's own files). Under torchrun only each host's first rank writes a copy."""
+    from safetensors import SafetensorError
     from transformers import BitsAndBytesConfig
 
     dtype = compute_dtype(cfg.compute_dtype)
@@ -105,39 +108,49 @@ def load_base_model(resolved: str, cfg: FinetuneConfig):
     copy = quantized_copy_dir(resolved, cfg) if cfg.keep_quantized_base else None
     if copy is not None and is_complete(copy):
         try:
-            return _from_pretrained(str(copy), None, dtype)  # its config.json holds the 4-bit settings below
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as e:  # a damaged copy: the base's own files are still there
+            model = _from_pretrained(str(copy), None, dtype)  # its config.json holds the 4-bit settings below
+        except (SafetensorError, ValueError) as e:  # damaged files (BaseModelError: one missing); others propagate
             print(f"The 4-bit copy {copy} did not load ({type(e).__name__}); loading {resolved} and writing it again.")
             shutil.rmtree(copy, ignore_errors=True)
+        else:
+            model.name_or_path = model.config._name_or_path = resolved
+            model.quantized_copy = str(copy)
+            return model
     model = _from_pretrained(resolved, cfg.base_revision, dtype, BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
-    if copy is not None:
+    model.quantized_copy = None
+    if copy is not None and os.environ.get("LOCAL_RANK", "0") == "0":
         keep_quantized_copy(model, copy)
     return model
 
 
 def quantized_copy_dir(resolved: str, cfg: FinetuneConfig) -> Path | None:
-    """Where the 4-bit copy of a local base lives: `<cache>/quantized/<folder name>-<settings>-<content>`, the
-    content being `model_fingerprint` (file names, sizes, mtimes), so an edited base gets a new copy. None for a Hub
-    id: a moving revision would leave a stale copy behind the same name."""
+    """Where the 4-bit copy of a local base lives: `<cache>/quantized/<folder name>-<settings>-<content>`. The
+    settings: the base's path, the compute dtype, the device that quantizes and the bitsandbytes and transformers
+    versions that write and read the copy; the content: `model_fingerprint` (file names, sizes, mtimes), so an
+    edited base gets a new copy. None for a Hub id: a moving revision would leave a stale copy behind the same name."""
+    import bitsandbytes
+    import transformers
+
     if not Path(resolved).is_dir():
         return None
-    settings = stable_hash(str(Path(resolved).resolve()), str(compute_dtype(cfg.compute_dtype)), "nf4", "double-quant")
+    settings = stable_hash(str(Path(resolved).resolve()), str(compute_dtype(cfg.compute_dtype)), "nf4", "double-quant",
+                           "cuda" if torch.cuda.is_available() else "cpu", bitsandbytes.__version__,
+                           transformers.__version__)
     return cache_home() / "quantized" / f"{Path(resolved).name[:48]}-{settings[:10]}-{model_fingerprint(resolved, '')[:12]}"
 
 
 def keep_quantized_copy(model, copy: Path) -> None:
     """Save the freshly loaded 4-bit `model` (before any forward pass: on an AVX-512 CPU bitsandbytes repacks the
     weights at the first one) as `copy`, written whole or not at all, and remove the copies of older contents of the
-    same base. A failed write (a full disk) costs only the speed-up: the run goes on with a message."""
+    same base. A failed write (a full disk, a file-size limit) costs only the speed-up: the run goes on with a
+    message."""
     try:
         with atomic_dir(copy) as tmp:
             model.save_pretrained(tmp)
-    except OSError as e:
-        print(f"Could not keep the 4-bit copy of the base in {copy.parent} ({e.strerror or e}); later loads quantize "
-              "the base again.")
+    except Exception as e:  # OSError from the file system, SafetensorError from the weights' writer
+        print(f"Could not keep the 4-bit copy of the base in {copy.parent} ({type(e).__name__}: {e}); later loads "
+              "quantize the base again.")
         return
     prefix = copy.name[:-12]
     for old in copy.parent.glob(f"{glob.escape(prefix)}*"):

@@ -403,7 +403,7 @@ def test_the_inference_base_loads_the_nf4_weights_without_the_4bit_detour(base_m
     from personatune.evaluate import load_inference_model
     from personatune.model import checkpoint_elements, dequantize_frozen_base, load_base_model, load_inference_base
 
-    cfg = FinetuneConfig(compute_dtype=compute)
+    cfg = FinetuneConfig(compute_dtype=compute, keep_quantized_base=False)  # the base's own files, every time
     detour = load_base_model(base_model_dir, cfg)
     assert dequantize_frozen_base(detour) == 7 * detour.config.num_hidden_layers
     direct = load_inference_base(base_model_dir, cfg)
@@ -430,10 +430,15 @@ def _dequantized_state(model) -> dict:
 def test_the_first_4bit_load_keeps_a_copy_that_later_loads_read_with_the_same_weights(base_model_dir, tmp_path,
                                                                                      monkeypatch):
     """keep_quantized_base: the first load saves the quantized model (whole, marked complete) under the cache; the
-    next one loads it (a 4-bit model from the copy's folder) with the same 4-bit codes and block scales, so the same
-    dequantized weights and logits; off, nothing is written. A damaged copy is reloaded from the base and written
-    again; an edited base gets a new copy and the old one goes."""
+    next one loads it (a 4-bit model from the copy) with the same 4-bit codes and block scales, so the same
+    dequantized weights and logits, and still names the base as its source (an adapter records the base, not the
+    cache); off, or on a torchrun rank other than a host's first, nothing is written. A damaged copy is reloaded
+    from the base and written again; an edited base gets a new copy and the old one goes."""
     import shutil
+
+    from peft import get_peft_model
+
+    from personatune.model import lora_config
 
     from personatune.files import is_complete
     from personatune.model import load_base_model, quantized_copy_dir
@@ -443,15 +448,21 @@ def test_the_first_4bit_load_keeps_a_copy_that_later_loads_read_with_the_same_we
     shutil.copytree(base_model_dir, base)
     cfg = FinetuneConfig()
     load_base_model(str(base), FinetuneConfig(keep_quantized_base=False))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    load_base_model(str(base), cfg)
     assert not (tmp_path / "cache").exists()
+    monkeypatch.setenv("LOCAL_RANK", "0")
 
     first = load_base_model(str(base), cfg)
     copy = quantized_copy_dir(str(base), cfg)
     assert is_complete(copy) and (copy / "model.safetensors").is_file()
-    assert first.config.name_or_path == str(base)
+    assert first.quantized_copy is None and first.config.name_or_path == str(base)
     second = load_base_model(str(base), cfg)
-    assert second.config.name_or_path == str(copy)
+    assert second.quantized_copy == str(copy)
+    assert second.config.name_or_path == second.name_or_path == str(base)
     assert type(second.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    adapted = get_peft_model(load_base_model(str(base), cfg), lora_config(cfg, second))
+    assert adapted.peft_config["default"].base_model_name_or_path == str(base)
     expected, got = _dequantized_state(first), _dequantized_state(second)  # before any forward pass (AVX-512)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
@@ -461,7 +472,8 @@ def test_the_first_4bit_load_keeps_a_copy_that_later_loads_read_with_the_same_we
 
     (copy / "model.safetensors").write_bytes(b"not a model")  # damaged: loads from the base and writes it again
     again = load_base_model(str(base), cfg)
-    assert again.config.name_or_path == str(base) and is_complete(copy)
+    assert again.quantized_copy is None and is_complete(copy)
+    assert load_base_model(str(base), cfg).quantized_copy == str(copy)
     assert torch.equal(_dequantized_state(again)["model.layers.0.self_attn.q_proj.weight"],
                        expected["model.layers.0.self_attn.q_proj.weight"])
 
@@ -474,8 +486,12 @@ def test_the_first_4bit_load_keeps_a_copy_that_later_loads_read_with_the_same_we
 
 
 def test_a_copy_that_cannot_be_written_costs_only_the_speed_up(base_model_dir, tmp_path, monkeypatch, capsys):
-    """When the copy cannot be written (here its folder's place is taken by a file) the load still returns the
-    4-bit model, says why, and leaves nothing half-written."""
+    """When the copy cannot be written the load still returns the 4-bit model, says why, and leaves nothing
+    half-written: its folder's place taken by a file, and the weights' file over the process's file-size limit (the
+    operating system refuses the write, as on a full disk)."""
+    import resource
+    import signal
+
     from personatune.model import load_base_model
 
     monkeypatch.setenv("PERSONATUNE_CACHE", str(tmp_path / "cache"))
@@ -485,3 +501,16 @@ def test_a_copy_that_cannot_be_written_costs_only_the_speed_up(base_model_dir, t
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert "Could not keep the 4-bit copy of the base" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["quantized"]
+
+    (tmp_path / "cache" / "quantized").unlink()
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, limits[1]))  # 1 MiB: the 4-bit weights are ~100 MB
+    try:
+        model = load_base_model(base_model_dir, FinetuneConfig())
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit" and model.quantized_copy is None
+    out = capsys.readouterr().out
+    assert "Could not keep the 4-bit copy of the base" in out and "File too large" in out
+    assert list((tmp_path / "cache" / "quantized").iterdir()) == []  # the temporary folder went with the failure
