@@ -236,6 +236,20 @@ class PromptPass:
         return PromptPass(self.ids, self.mask, copy.deepcopy(self.cache), self.logits)
 
 
+def _rows_of(cache, idx):
+    """A cache of the rows `idx` of `cache`, which stays as it is: each layer object is copied (not its tensors) and
+    the copy selects the rows, and transformers' dynamic layers select and later grow by making new tensors. So only
+    the selected rows are copied, not the whole prompt cache (0.5 MiB a prompt token on a 7B: 32 layers x keys and
+    values x 4,096 bf16 numbers, so GiBs for the evaluation's prompts)."""
+    if not hasattr(cache, "layers"):  # another cache layout: copy it whole
+        picked = copy.deepcopy(cache)
+    else:
+        picked = copy.copy(cache)
+        picked.layers = [copy.copy(layer) for layer in cache.layers]
+    picked.batch_select_indices(idx)
+    return picked
+
+
 def _positions(mask, new: int):
     return (mask.cumsum(1) - 1).clamp(min=0)[:, -new:]
 
@@ -385,8 +399,7 @@ def reply_losses(model, start: PromptPass, replies: list[list[int]], logits_byte
                     inputs[j, :n] = torch.tensor(replies[i][:-1])
                     targets[j, :n] = torch.tensor(replies[i][1:])
                     typed[j, :n] = 1
-            cache = copy.deepcopy(start.cache)
-            cache.batch_select_indices(torch.tensor(idx, device=device))
+            cache = _rows_of(start.cache, torch.tensor(idx, device=device))
             mask = torch.cat([start.mask[idx], typed], dim=1)
             with torch.no_grad():
                 logits = model(input_ids=inputs, attention_mask=mask, position_ids=_positions(mask, width),
