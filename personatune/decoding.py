@@ -237,15 +237,12 @@ class PromptPass:
 
 
 def _rows_of(cache, idx):
-    """A cache of the rows `idx` of `cache`, which stays as it is: each layer object is copied (not its tensors) and
-    the copy selects the rows, and transformers' dynamic layers select and later grow by making new tensors. So only
-    the selected rows are copied, not the whole prompt cache (0.5 MiB a prompt token on a 7B: 32 layers x keys and
-    values x 4,096 bf16 numbers, so GiBs for the evaluation's prompts)."""
-    if not hasattr(cache, "layers"):  # another cache layout: copy it whole
-        picked = copy.deepcopy(cache)
-    else:
-        picked = copy.copy(cache)
-        picked.layers = [copy.copy(layer) for layer in cache.layers]
+    """A cache of the rows `idx` of the DynamicCache `cache`, which stays as it is: each layer object is copied (not
+    its tensors) and the copy selects the rows, and transformers' dynamic layers select and later grow by making new
+    tensors. So only the selected rows are copied, not the whole prompt cache (0.5 MiB a prompt token on a 7B: 32
+    layers x keys and values x 4,096 bf16 numbers, so GiBs for the evaluation's prompts)."""
+    picked = copy.copy(cache)
+    picked.layers = [copy.copy(layer) for layer in cache.layers]
     picked.batch_select_indices(idx)
     return picked
 

@@ -394,9 +394,10 @@ class EvaluationModels:
     """The frozen base that the evaluation stages of one flow run share: loaded ready for inference once
     (`load_inference_model`), each adapter put on it once under its own name. Scoring the base, the champion and the
     challenger and then the evaluation load the base once instead of three or four times (a 7B base on one H200:
-    3.0-3.6 s a load from its own files, bench/eval_gpu.py; 1.0-1.1 s from the kept 4-bit copy, bench/load_gpu.py). Inside `active()` the base is scored with every adapter switched off and an adapter with it
-    set active, so what was put on the model before does not change a stage's numbers (tests/test_flow.py
-    compares them with stages that load their own). A stage given none loads its own. `close()` lets go of the
+    3.0-3.6 s a load from its own files, bench/eval_gpu.py; 1.0-1.1 s from the kept 4-bit copy, bench/load_gpu.py).
+    Inside `active()` the base is scored with every adapter switched off and an adapter with it set active, so what
+    was put on the model before does not change a stage's numbers (tests/test_flow.py compares them with stages that
+    load their own). A stage given none loads its own. `close()` lets go of the
     model; an adapter that fails to load closes it too, so no half-built model is reused."""
 
     def __init__(self):

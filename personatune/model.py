@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import math
 import os
 import shutil
 from pathlib import Path
@@ -194,11 +195,7 @@ def checkpoint_elements(resolved: str) -> int | None:
     total = 0
     for f in files:
         with safe_open(f, framework="pt") as st:
-            for key in st.keys():
-                n = 1
-                for dim in st.get_slice(key).get_shape():
-                    n *= dim
-                total += n
+            total += sum(math.prod(st.get_slice(key).get_shape()) for key in st.keys())
     return total
 
 

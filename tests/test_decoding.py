@@ -438,10 +438,8 @@ def test_the_first_4bit_load_keeps_a_copy_that_later_loads_read_with_the_same_we
 
     from peft import get_peft_model
 
-    from personatune.model import lora_config
-
     from personatune.files import is_complete
-    from personatune.model import load_base_model, quantized_copy_dir
+    from personatune.model import load_base_model, lora_config, quantized_copy_dir
 
     monkeypatch.setenv("PERSONATUNE_CACHE", str(tmp_path / "cache"))
     base = tmp_path / "base"
